@@ -1,0 +1,186 @@
+"""
+Rule-based reward for TAPO rollouts: R = 0.9 * accuracy + 0.1 * format.
+
+Fine-R1 (He, Geng, Peng, ICLR 2026, arXiv 2602.07605) trains with an R1-style reward on
+`<think>...</think><answer>LABEL</answer>` responses. The paper names only the accuracy check; the
+release (github.com/PKU-ICST-MIPL/FineR1_ICLR2026, TAPO/examples/reward_function/cls_thinking.py) adds a
+format term with weight 0.1 (REFERENCE.md section 2). This file is pure Python (no torch), meant to be
+called by tapo.py on every rollout; eval.py can reuse extract_answer and normalize_label.
+
+    python reward.py "<think>white head</think><answer>Laysan Albatross</answer>" "Laysan Albatross"
+    python reward.py RESPONSE GROUND_TRUTH --mode official
+
+Format reward (both modes): 1.0 iff, after str.strip(), the response is exactly
+    <think> THINK </think> WS <answer> ANSWER </answer>
+with WS only whitespace and each of the four tags present exactly once in the whole response (so no
+duplicate blocks, no nesting, no text before <think> or after </answer>). THINK and ANSWER may be empty.
+Tags are case-sensitive, as in the release.
+
+Accuracy reward, two modes (REWARD_MODES):
+- "strict" (default): the response has exactly one <answer>...</answer> block and its content names the
+  class and nothing else: normalize_label(answer) == normalize_label(ground truth), after dropping one
+  leading article ("the", "a", "an") on both sides. Trailing periods, case, "_", "-" and spacing are
+  forgiven by normalize_label. Lists ("A, B", "A or B", "A/B", "A and B", one per line), hedges
+  ("either A or B") and extra words ("A (Phoebastria nigripes)") all fail equality, so listing classes
+  cannot be rewarded.
+- "official": the release's RL check, `gt.lower() in answer.lower()` on the first <answer> block after
+  the release's whitespace clean-up around "<", ">" and "/". It rewards any answer that contains the
+  label, so listing candidates is rewarded (Δ10). Kept to reproduce the release.
+
+Deliberate deviations from the release:
+1. Default accuracy is "strict", not substring inclusion (Δ10; Visual-RFT users saw policies collapse to
+   listing classes under substring rewards).
+2. The format check counts tags: the release's `fullmatch(<think>.*?</think>\\s*<answer>.*?</answer>)`
+   also accepts duplicated or nested blocks, e.g. `<think>a</think><answer>b</answer><answer>c</answer>`.
+3. The release removes whitespace around every "<", ">" and "/" before scoring (for Qwen2.5-VL-32B's
+   "< think >"); strict mode does not: it only strips the ends and allows whitespace between </think>
+   and <answer>. "official" mode keeps the clean-up for its accuracy check.
+4. A response with no <answer> block earns accuracy 0 in both modes, as in the release RL reward. The
+   release *eval* script instead scores the whole output when the tag is missing (REFERENCE.md section
+   5); eval.py does that itself. For RL it would reward labels named anywhere in the thinking.
+5. An empty ground truth (or a non-str one, coerced to "") earns accuracy 0 in both modes; the release's
+   `"" in answer` would give 1.
+6. No regex scans unbounded text with a lazy quantifier from every start position: answers are found
+   with str.rfind/find and the format regex runs only once every tag count is known to be 1, so scoring
+   is linear in the response length (a 200k-char rollout of repeated "<think>" takes about a millisecond).
+"""
+import argparse
+import json
+import re
+
+REWARD_MODES = ("strict", "official")
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+# note: only applied once every tag occurs exactly once, so each lazy .*? has a single place to stop
+# and the match is linear in the response length.
+FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+SPACE_LIKE_RE = re.compile(r"[_\-\u2010-\u2015]")  # "_", "-" and unicode dashes become a space
+PUNCT_RE = re.compile(r"[^\w\s]")  # anything not a letter, digit, "_" or whitespace is dropped
+WHITESPACE_RE = re.compile(r"\s+")
+ARTICLE_RE = re.compile(r"^(?:the|a|an) ")
+# release: re.sub(r"\s*(<|>|/)\s*", r"\1", response) ("handle qwen2.5vl-32b format"); this form deletes the
+# same whitespace but only matches where there is some, ~10x faster on a long run of "<" or "/".
+RELEASE_TAG_SPACE_RE = re.compile(r"\s+(?=[<>/])|(?<=[<>/])\s+")
+
+
+def as_str(x) -> str:
+    """Rollouts and labels are strings; anything else (None, ints, bytes) scores as the empty string."""
+    return x if isinstance(x, str) else ""
+
+
+# -----------------------------------------------------------------------------
+# Parsing
+
+def format_reward(response) -> float:
+    """1.0 iff the response is one <think> block then one <answer> block (see module docstring)."""
+    text = as_str(response).strip()
+    if any(text.count(tag) != 1 for tag in TAGS):
+        return 0.0
+    return 1.0 if FORMAT_RE.fullmatch(text) else 0.0
+
+
+def extract_answer(response) -> str | None:
+    """Stripped text of the last <answer>...</answer> block, or None if there is no complete block."""
+    text = as_str(response)
+    end = text.rfind(ANSWER_CLOSE)
+    if end == -1:
+        return None
+    start = text.rfind(ANSWER_OPEN, 0, end)
+    if start == -1:
+        return None
+    return text[start + len(ANSWER_OPEN):end].strip()
+
+
+def normalize_label(s) -> str:
+    """Lower case, "_"/"-" -> space, other punctuation dropped, whitespace collapsed and stripped.
+
+    "Black_footed albatross" and "Black-Footed  Albatross." both become "black footed albatross";
+    "Brewer's Sparrow" becomes "brewers sparrow", "F/A-18" becomes "fa 18".
+    """
+    s = as_str(s).lower()
+    s = SPACE_LIKE_RE.sub(" ", s)
+    s = PUNCT_RE.sub("", s)
+    return WHITESPACE_RE.sub(" ", s).strip()
+
+
+def canonical_label(s) -> str:
+    """normalize_label plus one leading article removed: "The Laysan Albatross." -> "laysan albatross"."""
+    return ARTICLE_RE.sub("", normalize_label(s), count=1)
+
+
+# -----------------------------------------------------------------------------
+# Accuracy
+
+def strict_accuracy(response, ground_truth) -> float:
+    """1.0 iff exactly one <answer> block whose content is the ground-truth class and nothing else."""
+    text = as_str(response)
+    if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:
+        return 0.0  # missing, or several answer blocks (a hedge across blocks)
+    answer = extract_answer(text)
+    if answer is None:
+        return 0.0  # "</answer> ... <answer>": the close tag comes first
+    target = canonical_label(ground_truth)
+    return 1.0 if target and canonical_label(answer) == target else 0.0
+
+
+def official_accuracy(response, ground_truth) -> float:
+    """The release's RL check: gt.lower() in answer.lower(), answer = first <answer> block (Δ10)."""
+    text = RELEASE_TAG_SPACE_RE.sub("", as_str(response))
+    # same span as the release's re.search(r"<answer>(.*?)</answer>", DOTALL), without its O(n^2) worst case
+    start = text.find(ANSWER_OPEN)
+    if start == -1:
+        return 0.0
+    end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+    if end == -1:
+        return 0.0  # no answer tag: 0, as the release RL reward (deviation 4)
+    answer = text[start + len(ANSWER_OPEN):end].strip()
+    gt = as_str(ground_truth)
+    return 1.0 if gt and gt.lower() in answer.lower() else 0.0
+
+
+ACCURACY_FNS = {"strict": strict_accuracy, "official": official_accuracy}
+assert tuple(ACCURACY_FNS) == REWARD_MODES
+
+
+# -----------------------------------------------------------------------------
+# Reward
+
+def score(response, ground_truth, mode="strict", acc_weight=0.9, fmt_weight=0.1) -> dict:
+    """R = acc_weight * accuracy + fmt_weight * format (release: 0.9 / 0.1). Never raises on content."""
+    if mode not in REWARD_MODES:
+        raise ValueError(f"mode must be one of {REWARD_MODES}, got {mode!r}")
+    fmt = format_reward(response)
+    acc = ACCURACY_FNS[mode](response, ground_truth)
+    return {"overall": acc_weight * acc + fmt_weight * fmt, "format": fmt, "accuracy": acc}
+
+
+def batch_score(responses, ground_truths, mode="strict", acc_weight=0.9, fmt_weight=0.1) -> dict:
+    """score() over a batch: {"overall": [...], "format": [...], "accuracy": [...]}, one entry per rollout."""
+    responses, ground_truths = list(responses), list(ground_truths)
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+    out = {"overall": [], "format": [], "accuracy": []}
+    for response, gt in zip(responses, ground_truths):
+        s = score(response, gt, mode=mode, acc_weight=acc_weight, fmt_weight=fmt_weight)
+        for key in out:
+            out[key].append(s[key])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Score one response with the Fine-R1 TAPO reward.")
+    parser.add_argument("response", help="model output, e.g. '<think>...</think><answer>X</answer>'")
+    parser.add_argument("ground_truth", help="class label, e.g. 'Laysan Albatross'")
+    parser.add_argument("--mode", choices=REWARD_MODES, default="strict",
+                        help="strict: exact class after normalisation; official: release substring check")
+    parser.add_argument("--acc_weight", type=float, default=0.9, help="accuracy weight (release: 0.9)")
+    parser.add_argument("--fmt_weight", type=float, default=0.1, help="format weight (release: 0.1)")
+    args = parser.parse_args()
+    result = score(args.response, args.ground_truth, args.mode, args.acc_weight, args.fmt_weight)
+    print(json.dumps(result))
