@@ -1,0 +1,248 @@
+"""The embedded world: determinism, splits, no leakage of unseen classes, triplets, options, rationales."""
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import data
+import world
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(classes_per_domain=8, shots=3, test_per_class=2, captions=2, vqa=1, knowledge_repeats=1, workers=0)
+
+
+def tree_digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return world.generate(tmp_path_factory.mktemp("world") / "w", seed=3, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def meta(small):
+    return json.loads((small / "world.json").read_text())
+
+
+def classes_of(meta):
+    """{class name: WorldClass} over all domains, from world.json."""
+    return {c["name"]: world.WorldClass(d, c["name"], tuple(c["attributes"].items()))
+            for d, info in meta["domains"].items() for c in info["classes"]}
+
+
+def class_of_path(meta, path):
+    """Class name of a train/test image path images/{split}/{domain}/{slug}/N.png."""
+    parts = Path(path).parts
+    assert parts[0] == "images" and parts[1] in ("train", "test"), path
+    return {c.slug: c.name for c in classes_of(meta).values() if c.domain == parts[2]}[parts[3]]
+
+
+def training_files(folder):
+    return [folder / "cot_sft.json", folder / "sft_nocot.json", folder / "rl_train.jsonl"]
+
+
+def test_same_seed_gives_identical_files(small, tmp_path):
+    """Generating the same seed twice writes byte-identical files (images included)."""
+    again = world.generate(tmp_path / "w", seed=3, **SMALL)
+    assert tree_digest(small) == tree_digest(again)
+
+
+def test_other_seed_changes_split_not_classes(tmp_path):
+    """The class table is fixed per domain; the seed changes the split (and images)."""
+    a = json.loads((world.generate(tmp_path / "a", seed=0, **SMALL) / "world.json").read_text())
+    b = json.loads((world.generate(tmp_path / "b", seed=1, **SMALL) / "world.json").read_text())
+    assert all(a["domains"][d]["attributes"] == b["domains"][d]["attributes"] for d in world.DOMAINS)
+    assert [c["name"] for c in a["domains"]["bird"]["classes"]] == [c["name"] for c in b["domains"]["bird"]["classes"]]
+    assert any(a["domains"][d]["seen"] != b["domains"][d]["seen"] for d in world.DOMAINS)
+
+
+def test_split_proportions(meta):
+    """Each domain: round(60%) of its classes seen, the rest unseen, disjoint and complete."""
+    for d, info in meta["domains"].items():
+        names = {c["name"] for c in info["classes"]}
+        assert len(info["seen"]) == round(0.6 * len(names))
+        assert set(info["seen"]) | set(info["unseen"]) == names
+        assert not set(info["seen"]) & set(info["unseen"])
+    seen, unseen = world.split_classes(world.make_classes("bird", 16), seed=0)
+    assert (len(seen), len(unseen)) == (10, 6)
+
+
+def test_no_unseen_class_reaches_training_files(small, meta):
+    """cot_sft / sft_nocot / rl_train never name an unseen class nor use an unseen-class or test image."""
+    unseen = [n for info in meta["domains"].values() for n in info["unseen"]]
+    for f in training_files(small):
+        text = f.read_text()
+        assert not [n for n in unseen if n in text], f
+        paths = re.findall(r'"(images/[^"]+)"', text)
+        assert paths and all(p.startswith("images/train/") for p in paths), f
+        assert not {class_of_path(meta, p) for p in paths} & set(unseen), f
+
+
+def test_every_rl_row_is_a_seen_class_of_its_shots(small, meta):
+    """rl_train.jsonl holds exactly `shots` anchors per seen class, each an image of its own class."""
+    rows = [json.loads(x) for x in (small / "rl_train.jsonl").read_text().splitlines()]
+    seen = {n for info in meta["domains"].values() for n in info["seen"]}
+    assert sorted(r["answer"] for r in rows) == sorted(n for n in seen for _ in range(SMALL["shots"]))
+    assert all(class_of_path(meta, r["images"][0]) == r["answer"] for r in rows)
+    assert len({r["images"][0] for r in rows}) == len(rows)
+
+
+def test_triplet_positive_and_negative(small, meta):
+    """Positive: another image of the same class; negative: an image of the most similar other seen class."""
+    cls = classes_of(meta)
+    seen = {n for info in meta["domains"].values() for n in info["seen"]}
+    for r in map(json.loads, (small / "rl_train.jsonl").read_text().splitlines()):
+        a, pos, neg = r["images"][0], r["image_noisy"][0], r["image_aug"][0]
+        c = cls[r["answer"]]
+        assert class_of_path(meta, pos) == c.name and pos != a
+        n = cls[class_of_path(meta, neg)]
+        others = [cls[o] for o in seen if o != c.name and cls[o].domain == c.domain]
+        assert n.name != c.name and n.name in seen
+        assert world.distance(c, n) == min(world.distance(c, o) for o in others)
+        assert Image.open(small / pos).size == Image.open(small / neg).size == Image.open(small / a).size
+
+
+def test_options_hold_ground_truth_and_nearest_classes(small, meta):
+    """Every eval line: gt is options[0] (as released), 3 distinct distractors = the nearest classes."""
+    cls = classes_of(meta)
+    for f in small.glob("*_*seen.jsonl"):
+        for r in map(json.loads, f.read_text().splitlines()):
+            c, opts = cls[r["ground_truth"]], r["options"]
+            assert opts[0] == r["ground_truth"] and len(set(opts)) == 4
+            domain = [o for o in cls.values() if o.domain == c.domain and o.name != c.name]
+            dists = sorted(world.distance(c, o) for o in domain)[:3]
+            assert sorted(world.distance(c, cls[o]) for o in opts[1:]) == dists
+            assert class_of_path(meta, r["image_path"]) == c.name
+
+
+def test_eval_files_cover_seen_and_unseen_classes(small, meta):
+    """{domain}_seen/unseen.jsonl hold test_per_class images of exactly the seen / unseen classes."""
+    for d, info in meta["domains"].items():
+        for split in ("seen", "unseen"):
+            rows = [json.loads(x) for x in (small / f"{d}_{split}.jsonl").read_text().splitlines()]
+            assert sorted(r["ground_truth"] for r in rows) == sorted(n for n in info[split]
+                                                                    for _ in range(SMALL["test_per_class"]))
+
+
+def test_cot_rationale_has_four_parts(small, meta):
+    """Each CoT answer is '<think> Visual analysis ... Candidates (<=4 seen, incl. gt) ... Comparison ...
+    Prediction: LABEL. </think>\\n\\n<answer>LABEL</answer>' and matches the image's class."""
+    seen = {n for info in meta["domains"].values() for n in info["seen"]}
+    pat = re.compile(r"<think> Visual analysis: the \w+ has (.+)\. Candidates: (.+)\. Comparison: (.+)\. "
+                     r"Prediction: (.+)\. </think>\n\n<answer>(.+)</answer>")
+    samples = json.loads((small / "cot_sft.json").read_text())
+    assert len(samples) == len(seen)
+    for s in samples:
+        m = pat.fullmatch(s["messages"][2]["content"])
+        assert m, s["messages"][2]["content"]
+        label = class_of_path(meta, s["images"][0])
+        cands = m.group(2).split(", ")
+        assert m.group(4) == m.group(5) == label and label in cands and len(cands) <= 4
+        assert set(cands) <= seen and f"{label} matches" in m.group(3)
+        assert m.group(1) == world.description(classes_of(meta)[label])
+
+
+def test_nocot_file_mirrors_cot_file(small):
+    """sft_nocot.json: the CoT file's images and questions, assistant '<answer>LABEL</answer>' only."""
+    cot = json.loads((small / "cot_sft.json").read_text())
+    nocot = json.loads((small / "sft_nocot.json").read_text())
+    assert [s["images"] for s in cot] == [s["images"] for s in nocot]
+    assert [s["messages"][:2] for s in cot] == [s["messages"][:2] for s in nocot]
+    for a, b in zip(cot, nocot):
+        label = re.search(r"<answer>(.+)</answer>", a["messages"][2]["content"]).group(1)
+        assert b["messages"][2]["content"] == f"<answer>{label}</answer>"
+
+
+def test_pretraining_corpus_knows_every_class_and_captions_name_none(small, meta):
+    """pretrain.json: text-only knowledge names every class (both directions); image samples name no class."""
+    samples = json.loads((small / "pretrain.json").read_text())
+    names = list(classes_of(meta))
+    text_only = [s for s in samples if not s["images"]]
+    with_image = [s for s in samples if s["images"]]
+    for n in names:
+        assert any(s["messages"][0]["content"] == f"Describe the {n}." for s in text_only), n
+        assert any(n in s["messages"][1]["content"] and n not in s["messages"][0]["content"] for s in text_only), n
+    for s in with_image:
+        assert not [n for n in names if n in json.dumps(s)], s
+    assert all(p.startswith("images/pretrain/") for s in with_image for p in s["images"])
+
+
+def test_pretraining_images_cover_all_classes_and_are_distinct(small, meta):
+    """Captioned images exist for unseen classes too, and are files no train/test record uses."""
+    samples = json.loads((small / "pretrain.json").read_text())
+    captions = {s["messages"][1]["content"] for s in samples if s["images"]}
+    assert {world.caption(c) for c in classes_of(meta).values()} <= captions
+    pre = {p for s in samples for p in s["images"]}
+    used = set(re.findall(r'"(images/[^"]+)"', "".join(f.read_text() for f in small.glob("*.json*")
+                                                      if f.name != "pretrain.json")))
+    assert pre and used and not pre & used
+
+
+def test_images_are_112px_rgb_pngs(small):
+    """Every image is a 112x112 RGB PNG (16 image tokens for Qwen2.5-VL)."""
+    files = list((small / "images").rglob("*.png"))
+    assert len(files) == json.loads((small / "world.json").read_text())["files"]["images"]
+    for f in files[::7]:
+        im = Image.open(f)
+        assert (im.format, im.mode, im.size) == ("PNG", "RGB", (112, 112))
+
+
+def test_world_files_load_with_data_loaders(small):
+    """All written files parse with data.py, images checked; the CoT file carries the release system prompt."""
+    assert len(data.load_stage1(small / "pretrain.json")) > 0
+    cot = data.load_stage1(small / "cot_sft.json")
+    assert all(s.system == data.SYSTEM_PROMPT_R1 and s.image.endswith(".png") for s in cot)
+    assert all(Path(r.positive).exists() for r in data.load_stage2(small / "rl_train.jsonl"))
+    items = data.load_eval(small / "flower_unseen.jsonl")
+    assert {(i.dataset, i.split) for i in items} == {("flower", "unseen")}
+
+
+@pytest.mark.parametrize("n", [4, 5, 8, 16, 30])
+def test_every_class_has_a_one_attribute_neighbour(n):
+    """Low inter-class variance: each class's nearest other class differs in exactly one attribute."""
+    for d in world.DOMAINS:
+        cs = world.make_classes(d, n)
+        assert len(cs) == n and len({c.attrs for c in cs}) == n
+        assert all(min(world.distance(c, o) for o in cs if o is not c) == 1 for c in cs)
+
+
+def test_class_names_are_invented_and_unambiguous():
+    """Names are unique two-word names, no name inside another, and no attribute word in any name."""
+    words = {w for dom in world.DOMAINS.values() for _, vals in dom.attributes for w in vals}
+    for d in world.DOMAINS:
+        names = [c.name.lower() for c in world.make_classes(d, 16)]
+        assert len(set(names)) == 16 and all(len(n.split()) == 2 for n in names)
+        assert not [(a, b) for a in names for b in names if a != b and a in b]
+        assert not [n for n in names if set(n.split()) & words]
+
+
+def test_colour_parts_of_a_class_differ():
+    """Within a class, no two coloured parts share a colour (each part stays visible)."""
+    for d in world.DOMAINS:
+        for c in world.make_classes(d, 16):
+            cols = [c.a[p] for p in world.COLOUR_PARTS[d]]
+            assert len(set(cols)) == len(cols), c
+
+
+def test_render_is_deterministic_and_varies_by_key():
+    """Same key -> same pixels; another key -> another image of the class (intra-class variance)."""
+    c = world.make_classes("aircraft")[0]
+    a, b, other = world.render(c, "k"), world.render(c, "k"), world.render(c, "k2")
+    assert a.tobytes() == b.tobytes() and a.tobytes() != other.tobytes()
+
+
+def test_cli_writes_a_world(tmp_path):
+    """`python world.py --out DIR` with small sizes writes world.json and the release-format files."""
+    out = tmp_path / "cli"
+    subprocess.run([sys.executable, str(ROOT / "world.py"), "--out", str(out), "--classes-per-domain", "4",
+                    "--captions", "1", "--test-per-class", "1", "--shots", "2", "--domains", "bird"],
+                   check=True, capture_output=True, cwd=ROOT)
+    assert {"world.json", "pretrain.json", "cot_sft.json", "sft_nocot.json", "rl_train.jsonl",
+            "bird_seen.jsonl", "bird_unseen.jsonl"} <= {p.name for p in out.iterdir()}
