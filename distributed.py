@@ -131,5 +131,5 @@ def set_gradient_checkpointing(model, on):
     hf = unwrap(model)
     if on:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
+    elif getattr(hf, "is_gradient_checkpointing", False):
         hf.gradient_checkpointing_disable()

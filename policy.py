@@ -464,3 +464,24 @@ def newest_checkpoint(run_dir):
     if not cands:
         return None
     return max(cands, key=lambda p: (p.name == "final", int(p.name[5:]) if p.name[5:].isdigit() else -1))
+
+
+def optimizer_state(model, optimizer):
+    """The optimizer's full state dict (collective under FSDP2: gathers the sharded moments)."""
+    from distributed import uses_fsdp
+    if uses_fsdp(unwrap(model)):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(unwrap(model), optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Inverse of `optimizer_state` (under FSDP2 every rank passes the full dict and keeps its shard)."""
+    from distributed import uses_fsdp
+    if uses_fsdp(unwrap(model)):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(unwrap(model), optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
