@@ -1,6 +1,8 @@
 """Benchmarks that print ratios side by side in one run (this machine is shared and noisy).
 
     python bench.py logprobs   # peak memory of the naive log-softmax gather vs the chunked head (policy.py)
+    python bench.py rollout    # TAPO's rollout workload: rollout.generate vs HF generate, tokens/s and memory
+    python bench.py sft        # SFT step tokens/s, 1 process vs 2-rank DDP; padding with / without length grouping
 
 Each prints its figures and, as its last line, one greppable summary (`logprobs peak_ratio=...`).
 """
@@ -95,6 +97,322 @@ def bench_logprobs(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# rollout: rollout.generate vs HF generate(num_return_sequences=n) on TAPO's workload, alternating in one run
+
+def _big_config(tokenizer, vocab=32768):
+    """A ~0.8B random Qwen2.5-VL: Qwen2.5-1.5B's text widths at 12 layers, an 8-block 1280-wide vision tower,
+    the vocabulary padded to 32k (ids above the tokenizer's are never decoded, only sampled)."""
+    from transformers import Qwen2_5_VLConfig
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=max(vocab, len(tokenizer)), hidden_size=1536, intermediate_size=8960, num_hidden_layers=12,
+            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+            rms_norm_eps=1e-6, tie_word_embeddings=True,
+            rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [16, 24, 24]},
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=8, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=1536,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[3, 7], in_channels=3, tokens_per_second=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True)
+
+
+def _rollout_inputs(args, processor):
+    """args.prompts RL prompts x (anchor, positive) images of image_size^2: 2 * prompts prompt rows."""
+    import numpy as np
+    from PIL import Image
+    from data import encode_prompts, rl_prompt
+    rng = np.random.default_rng(0)
+    s = args.image_size
+    images, texts = [], []
+    questions = ["What species of bird is this?", "What model of aircraft is this?", "What kind of flower is this?",
+                 "What breed of dog is this?"]
+    for i in range(args.prompts):
+        anchor = rng.random((s, s, 3)) * 255
+        positive = np.clip(anchor + rng.normal(0, 20, anchor.shape), 0, 255)  # same class, another view
+        for im in (anchor, positive):
+            images.append(Image.fromarray(im.astype("uint8")))
+            texts.append(rl_prompt("<image> Based on this image, " + questions[i % 4].lower()))
+    return encode_prompts(processor, images, texts)
+
+
+def bench_rollout(args):
+    import statistics
+    import rollout
+    from policy import count_params, load_policy
+    dev = torch.device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, processor = load_policy(args.preset)
+    if args.config == "big":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        with torch.device(dev):
+            model = Qwen2_5_VLForConditionalGeneration(_big_config(processor.tokenizer))
+    model = model.to(device=dev, dtype=dtype).eval()
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in _rollout_inputs(args, processor).items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    pad = processor.tokenizer.pad_token_id
+    B, P = batch["input_ids"].shape
+    n_tok = B * args.n * args.new_tokens
+    vis = int((batch["mm_token_type_ids"] == 1).sum()) // B
+    print(f"rollout: {args.preset if args.config == 'preset' else 'big'} model ({count_params(model) / 1e6:.1f}M "
+          f"params, {args.dtype}, {dev}), {args.prompts} prompts x (anchor + positive) x {args.n} samples, "
+          f"{args.image_size}x{args.image_size} images ({vis} visual tokens), prompt width {P}, "
+          f"{args.new_tokens} new tokens, temperature 1, EOS disabled; {args.rounds} rounds alternating"
+          + (f"; {torch.get_num_threads()} CPU thread(s)" if dev.type == "cpu" else ""))
+
+    def ours(r):
+        ro = rollout.generate(model, batch, n=args.n, max_new_tokens=args.new_tokens, temperature=1.0,
+                              stop_ids=(), pad_id=pad, seeds=r)
+        return int(ro.mask.sum())
+
+    def hf(r):
+        torch.manual_seed(r)
+        out = model.generate(**batch, do_sample=True, num_return_sequences=args.n, max_new_tokens=args.new_tokens,
+                             temperature=1.0, top_p=1.0, top_k=0,
+                             eos_token_id=[], pad_token_id=pad)
+        return int(out[:, P:].numel())
+
+    res = {"ours": [], "hf": []}
+    peak = {"ours": 0, "hf": 0}
+    for r in range(args.rounds):
+        for name, fn in (("ours", ours), ("hf", hf)):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                _reset_peak_rss()
+            t0 = time.perf_counter()
+            got = fn(r)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            mem = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _peak_rss()
+            assert got == n_tok, f"{name} generated {got} tokens, expected {n_tok}"
+            res[name].append(n_tok / dt)
+            peak[name] = max(peak[name], mem)
+            print(f"  round {r} {name:4s} {dt:7.2f} s  {n_tok / dt:8.1f} tok/s  peak {mem / 2**20:8.0f} MiB")
+    tok_s = {k: statistics.median(v) for k, v in res.items()}
+    what = "max_memory_allocated" if dev.type == "cuda" else "peak RSS"
+    print(f"  median: ours {tok_s['ours']:.1f} tok/s, HF {tok_s['hf']:.1f} tok/s; {what} ours "
+          f"{peak['ours'] / 2**20:.0f} MiB, HF {peak['hf'] / 2**20:.0f} MiB")
+    print(f"rollout speedup={tok_s['ours'] / tok_s['hf']:.2f} ours_tok_s={tok_s['ours']:.1f} "
+          f"hf_tok_s={tok_s['hf']:.1f} ours_peak_mib={peak['ours'] / 2**20:.0f} hf_peak_mib={peak['hf'] / 2**20:.0f} "
+          f"device={dev.type} dtype={args.dtype} config={args.config if args.config == 'big' else args.preset} "
+          f"rows={B}x{args.n} new_tokens={args.new_tokens}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sft: tokens/s of an SFT step (small preset), 1 process vs 2-rank DDP; padding with / without length grouping;
+# on CUDA, MFU of a bf16 FSDP2 step of a Qwen2.5-VL-3B-shaped random model
+
+def _sft_world(path):
+    """The embedded world at `path`, or the default world generated into a temporary folder (a few seconds)."""
+    from pathlib import Path
+    if (Path(path) / "world.json").exists():
+        return Path(path)
+    import tempfile
+    import world
+    return world.generate(Path(tempfile.mkdtemp()) / "world", seed=0, workers=1)
+
+
+def _sft_step(args):
+    """Child, single process or torchrun: median time of an SFT step on the world's CoT rationales."""
+    import statistics
+    from pathlib import Path
+    import distributed
+    import sft
+    from policy import load_policy
+    dist = distributed.setup("cpu")
+    model, processor = load_policy(args.preset, seed=0)
+    samples = sft.load_mixture(str(Path(args.world) / "cot_sft.json"))
+    prompt_lens, resp_ids, _ = sft.tokenize(samples, processor, None, 4096)
+    keys = sft.grouping_keys(prompt_lens, resp_ids)
+    model = distributed.wrap(model, "ddp" if dist.world > 1 else "none", dist)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = list(range(min(args.batch, len(samples))))
+    n_step = sum(len(resp_ids[i]) for i in batch)
+    times = []
+    for _ in range(args.steps + 1):  # the first step warms up and is not counted
+        t0 = time.perf_counter()
+        plan = sft.rank_micro_batches(batch, keys, args.micro, dist.world)
+        mbs = [(sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb, None, dist.device), 1.0)
+               for mb in plan[dist.rank]]
+        sft.forward_backward(model, mbs, n_step, dist.world)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        distributed.all_sum(0.0)  # collective: the step ends when the slowest rank is done
+        times.append(time.perf_counter() - t0)
+    real = sum(prompt_lens[i] + len(resp_ids[i]) for i in batch)
+    if dist.master:
+        print(json.dumps({"tok_s": real / statistics.median(times[1:]), "step_s": statistics.median(times[1:]),
+                          "tokens": real, "samples": len(batch)}))
+    distributed.teardown()
+
+
+def _qwen3b_config(tokenizer):
+    """Qwen2.5-VL-3B-Instruct's shapes (text 2048 x 36 layers, vocab 151,936; vision 1280 x 32 blocks)."""
+    from transformers import Qwen2_5_VLConfig
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+            num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+            rms_norm_eps=1e-6, tie_word_embeddings=True,
+            rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [16, 24, 24]},
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, tokens_per_second=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True)
+
+
+def _train_flops(model, batch):
+    """Model FLOPs of one training step (forward + backward = 3 x forward; recomputation not counted):
+    text 6 N T + 12 L d S T (PaLM's attention term, S = sequence width), the LM head only on scored tokens
+    (the chunked head), vision 6 N_vis P + 12 L_vis d_vis W P (W: 64-patch windows, full attention blocks)."""
+    from policy import unwrap
+    hf = unwrap(model)
+    tc, vc = hf.config.text_config, hf.config.vision_config
+    n_text = sum(p.numel() for p in hf.model.language_model.layers.parameters())
+    n_vis = sum(p.numel() for p in hf.model.visual.parameters())
+    B, S = batch["input_ids"].shape
+    tokens = int(batch["attention_mask"].sum())
+    scored = int(batch["response_mask"].sum())
+    patches = int(batch["pixel_values"].shape[0]) if batch.get("pixel_values") is not None else 0
+    per_img = patches // max(1, len(batch.get("image_grid_thw", [])))
+    win = (vc.window_size // vc.patch_size) ** 2
+    n_full = len(vc.fullatt_block_indexes)
+    vis_attn = 12 * vc.hidden_size * patches * ((vc.depth - n_full) * win + n_full * per_img)
+    return (6 * n_text * tokens + 12 * tc.num_hidden_layers * tc.hidden_size * S * tokens
+            + 6 * tc.vocab_size * tc.hidden_size * scored + 6 * n_vis * patches + vis_attn)
+
+
+def _sft_mfu(args):
+    """Child under torchrun: bf16 FSDP2 SFT steps of a random Qwen2.5-VL-3B-shaped model; prints MFU."""
+    import contextlib
+    import statistics
+    import numpy as np
+    from PIL import Image
+    import distributed
+    import sft
+    from data import encode_pairs
+    from policy import load_policy
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    dist = distributed.setup()
+    if not torch.distributed.is_initialized():  # FSDP2 needs a process group even at world size 1
+        torch.distributed.init_process_group("nccl" if dist.device.type == "cuda" else "gloo")
+    model, processor = load_policy("small")
+    if args.shape == "3b":
+        with torch.device(dist.device):
+            model = Qwen2_5_VLForConditionalGeneration(_qwen3b_config(processor.tokenizer))
+    if args.grad_checkpointing:
+        distributed.set_gradient_checkpointing(model, True)
+    model = distributed.wrap(model, "fsdp", dist)  # bf16 params / fp32 reduce on CUDA
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dist.device.type == "cuda")
+    rng = np.random.default_rng(dist.rank)
+    images = [Image.fromarray((rng.random((args.image_size, args.image_size, 3)) * 255).astype("uint8"))
+              for _ in range(args.micro)]
+    responses = [" ".join(rng.choice(["red", "head", "wings", "tipped", "blue", "the", "bird"], args.response_words))
+                 for _ in range(args.micro)]
+    batch = encode_pairs(processor, images, ["What species of bird is this?"] * args.micro, responses)
+    batch = {k: v.to(dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    n_step = int(distributed.all_sum(float(batch["response_mask"].sum())))
+    flops = distributed.all_sum(float(_train_flops(model, batch)))  # collective: the step's FLOPs, all ranks
+    cuda = dist.device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
+    times = []
+    for _ in range(args.steps + 2):  # two warm-up steps
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sft.forward_backward(model, [(batch, 1.0)], n_step, dist.world, autocast or contextlib.nullcontext)
+        sft.clip_grad_norm(list(model.parameters()), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times[2:])
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = 989.4e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else None
+    if dist.master:
+        print(json.dumps({"device": name, "world": dist.world, "params": sum(p.numel() for p in model.parameters()),
+                          "seq": int(batch["input_ids"].shape[1]), "micro": args.micro, "step_s": dt,
+                          "tflops_per_gpu": flops / dt / dist.world / 1e12,
+                          "mfu": flops / dt / dist.world / peak if peak else None,
+                          "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
+    distributed.teardown()
+
+
+def _torchrun(nproc, args, threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(29700 + os.getpid() % 200), __file__] + args
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:1])} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_sft(args):
+    from pathlib import Path
+    import sft
+    from policy import load_policy
+    world = _sft_world(args.world)
+    cores = args.threads or os.cpu_count() or 1
+    step = ["_sft_step", "--world", str(world), "--preset", args.preset, "--batch", str(args.batch),
+            "--micro", str(args.micro), "--steps", str(args.steps)]
+    print(f"sft: {args.preset} preset, fp32 CPU, global batch {args.batch} CoT samples of {world}, micro-batch "
+          f"{args.micro}; 1 process x {cores} threads vs 2-rank DDP (gloo) x {max(1, cores // 2)} threads")
+    one = _torchrun(1, step, cores)
+    ddp = _torchrun(2, step, max(1, cores // 2))
+    for name, r in (("1 process", one), ("DDP x 2", ddp)):
+        print(f"  {name:9s} {r['step_s']:6.3f} s/step  {r['tok_s']:8.0f} tok/s  ({r['tokens']} tokens/step)")
+
+    # padding: one epoch plan (3 epochs) of the pretraining + CoT mixture, micro-batches of --micro
+    _, processor = load_policy(args.preset)
+    samples = sft.load_mixture(f"{world / 'pretrain.json'},{world / 'cot_sft.json'}")
+    prompt_lens, resp_ids, _ = sft.tokenize(samples, processor, None, 4096)
+    pad = {}
+    keys = sft.grouping_keys(prompt_lens, resp_ids)
+    hf_keys = [p + len(r) for p, r in zip(prompt_lens, resp_ids)]  # HF's key: total length
+    for name, k, group_batches, group_micro in (("grouped", keys, False, True), ("global", keys, True, True),
+                                                ("global_hf_key", hf_keys, True, True), ("random", keys, False, False)):
+        real = padded = 0
+        for epoch in range(3):
+            for b in sft.epoch_batches(k, 32, 0, epoch, group_batches):
+                for mb in sft.rank_micro_batches(b, k, args.micro, 1, group_micro)[0]:
+                    r, p = sft.micro_batch_cost(mb, prompt_lens, resp_ids)
+                    real, padded = real + r, padded + p
+        pad[name] = 1 - real / padded
+    print(f"  padding, {len(samples)} pretrain + CoT samples, 3 epochs, batch 32, micro-batch {args.micro}: grouped "
+          f"within batches (sft.py default) {pad['grouped']:.3f}, random {pad['random']:.3f}; whole batches grouped "
+          f"too (--length-grouping global) {pad['global']:.3f}, the same by total length (HF) {pad['global_hf_key']:.3f}")
+
+    mfu = "n/a"
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        r = _torchrun(n, ["_sft_mfu", "--shape", "3b", "--micro", str(args.mfu_micro), "--steps", "5"]
+                      + (["--grad-checkpointing"] if args.grad_checkpointing else []), 8)
+        print(f"  bf16 FSDP2 x {n} {r['device']}: 3B-shaped ({r['params'] / 1e9:.2f}B params), micro-batch "
+              f"{r['micro']} x {r['seq']} tokens, {r['step_s']:.3f} s/step, {r['tflops_per_gpu']:.0f} TFLOP/s per GPU, "
+              f"MFU {r['mfu']}, max memory {r['max_mem_gib']:.1f} GiB")
+        mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else f"{r['tflops_per_gpu']:.0f}TFLOPs"
+    print(f"sft tok_s_1={one['tok_s']:.0f} tok_s_ddp2={ddp['tok_s']:.0f} ddp2_speedup={ddp['tok_s'] / one['tok_s']:.2f} "
+          f"pad_grouped={pad['grouped']:.3f} pad_random={pad['random']:.3f} pad_global={pad['global']:.3f} "
+          f"mfu_3b_fsdp_bf16={mfu}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +423,42 @@ def main():
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary size (Qwen2.5-VL: 151,936)")
     p.add_argument("--chunk", type=int, default=0, help="rows per chunk (0: policy.default_chunk)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    r = sub.add_parser("rollout", help="TAPO rollout workload: rollout.generate vs HF generate")
+    r.add_argument("--preset", default="small", help="policy preset (tokenizer, processor and, by default, model)")
+    r.add_argument("--config", default="preset", choices=["preset", "big"],
+                   help="preset: the preset's model; big: a ~0.8B random Qwen2.5-VL (for a GPU)")
+    r.add_argument("--prompts", type=int, default=4, help="prompts, each with an anchor and a positive image")
+    r.add_argument("--n", type=int, default=5, help="samples per (prompt, image) (paper: n1 = n2 = 5)")
+    r.add_argument("--new-tokens", type=int, default=128, help="new tokens per sample (EOS disabled)")
+    r.add_argument("--image-size", type=int, default=448, help="square image side (448: 256 visual tokens)")
+    r.add_argument("--rounds", type=int, default=3, help="alternating ours / HF rounds; the median is reported")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    r.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    r.add_argument("--threads", type=int, default=1,
+                   help="CPU intra-op threads for both sides (default 1: on a shared, oversubscribed machine "
+                        "multithreaded small ops spin-wait and the timings become noise)")
+    s = sub.add_parser("sft", help="SFT step: tokens/s 1 process vs 2-rank DDP, padding, MFU on CUDA")
+    s.add_argument("--preset", default="small", help="policy preset trained on CPU")
+    s.add_argument("--world", default="out/world", help="embedded world folder (generated in a temp dir if absent)")
+    s.add_argument("--batch", type=int, default=16, help="global batch (CoT samples) per step")
+    s.add_argument("--micro", type=int, default=8, help="micro-batch per rank (8: a realistic CPU micro-batch)")
+    s.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up); the median is reported")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads in all (default: all cores)")
+    s.add_argument("--mfu-micro", type=int, default=4, help="CUDA: micro-batch of the 3B-shaped FSDP2 step")
+    s.add_argument("--grad-checkpointing", action="store_true", help="CUDA: activation checkpointing in the MFU step")
+    t = sub.add_parser("_sft_step", help=argparse.SUPPRESS)
+    for a in ("--world", "--preset"):
+        t.add_argument(a)
+    for a in ("--batch", "--micro", "--steps"):
+        t.add_argument(a, type=int)
+    m = sub.add_parser("_sft_mfu", help=argparse.SUPPRESS)
+    m.add_argument("--shape", default="3b", choices=["3b", "small"])
+    m.add_argument("--micro", type=int, default=4)
+    m.add_argument("--steps", type=int, default=5)
+    m.add_argument("--image-size", type=int, default=448)
+    m.add_argument("--response-words", type=int, default=600)
+    m.add_argument("--grad-checkpointing", action="store_true")
     q = sub.add_parser("_logprobs_variant", help=argparse.SUPPRESS)
     for a in ("--rows", "--hidden", "--vocab", "--chunk"):
         q.add_argument(a, type=int)
@@ -112,7 +466,10 @@ def main():
     q.add_argument("--device")
     q.add_argument("--backward", action="store_true")
     args = ap.parse_args()
-    {"logprobs": bench_logprobs, "_logprobs_variant": _logprobs_variant}[args.cmd](args)
+    if args.cmd == "rollout" and args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    {"logprobs": bench_logprobs, "rollout": bench_rollout, "_logprobs_variant": _logprobs_variant,
+     "sft": bench_sft, "_sft_step": _sft_step, "_sft_mfu": _sft_mfu}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -346,6 +346,10 @@ def token_logprobs(model, batch, score_mask=None, temperature=1.0, chunk=None):
     pixel_values and image_grid_thw when there are images. score_mask (B, T) bool, default
     batch["response_mask"]. Returns (B, T) float32, zero where not scored (and always at t = 0).
     With grad enabled this is differentiable w.r.t. the model (the chunked head recomputes in backward).
+
+    note: under DDP / FSDP2 the vision tower must run on every rank or on none: a text-only micro-batch on one
+    rank would leave DDP waiting for gradients and FSDP2's all-gathers out of order. sft.py adds a blank image
+    row to text-only micro-batches under torchrun; TAPO and eval batches always hold images.
     """
     if score_mask is None:
         score_mask = batch["response_mask"]
@@ -356,27 +360,7 @@ def token_logprobs(model, batch, score_mask=None, temperature=1.0, chunk=None):
               position_ids=rope_positions(model, batch), pixel_values=batch.get("pixel_values"),
               image_grid_thw=batch.get("image_grid_thw"), mm_token_type_ids=batch["mm_token_type_ids"],
               use_cache=False)
-    lp = out[0]
-    if batch.get("pixel_values") is None and torch.is_grad_enabled() and _world_size() > 1:
-        # note: a text-only micro-batch leaves the vision tower out of the graph on this rank only; DDP would
-        # wait for its gradients and FSDP2 for its reduce-scatter. One 28x28 dummy image keeps every rank's
-        # graph identical; it contributes exactly zero to the loss.
-        lp = lp + 0.0 * _dummy_vision(model)
-    return lp
-
-
-def _world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def _dummy_vision(model):
-    visual = unwrap(model).model.visual
-    cfg = visual.config
-    n = 4  # 2x2 patches = one merged token
-    pixels = torch.zeros(n, cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2,
-                         device=next(visual.parameters()).device)
-    grid = torch.tensor([[1, 2, 2]], device=pixels.device)
-    return visual(pixels, grid_thw=grid).pooler_output.float().sum()
+    return out[0]
 
 
 @torch.no_grad()

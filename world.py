@@ -79,7 +79,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import SYSTEM_PROMPT_R1
+from data import SYSTEM_PROMPT_R1, closed_prompt, open_prompt, rl_prompt
 
 VERSION = 1
 SIZE = 112          # image side: 8x8 patches of 14 px -> 16 tokens after Qwen2.5-VL's 2x2 merge
@@ -294,14 +294,18 @@ def difference(c, other):
     return " and ".join(diffs)
 
 
+def reasoning(c, candidates):
+    """The text half of the CoT: candidates, comparison, prediction (shared by rationales and knowledge)."""
+    comp = [f"{o.name} matches" if o.name == c.name else f"{o.name} has {difference(c, o)}" for o in candidates]
+    return (f"Candidates: {', '.join(o.name for o in candidates)}. "
+            f"Comparison: {'; '.join(comp)}. Prediction: {c.name}.")
+
+
 def rationale(c, candidates):
     """The paper's four-part CoT (visual analysis, <=4 candidates, comparison, prediction) in the release's
     target form `<think> ... </think>\\n\\n<answer>LABEL</answer>`."""
     dom = DOMAINS[c.domain]
-    comp = [f"{o.name} matches" if o.name == c.name else f"{o.name} has {difference(c, o)}" for o in candidates]
-    think = (f"Visual analysis: the {dom.noun} has {description(c)}. "
-             f"Candidates: {', '.join(o.name for o in candidates)}. "
-             f"Comparison: {'; '.join(comp)}. Prediction: {c.name}.")
+    think = f"Visual analysis: the {dom.noun} has {description(c)}. " + reasoning(c, candidates)
     return f"<think> {think} </think>\n\n<answer>{c.name}</answer>"
 
 
@@ -319,6 +323,9 @@ def knowledge(c, classes):
         (f"{dom.article.capitalize()} {dom.noun} with {desc} is called what?", f"The {c.name}."),
         (f"Which {dom.plural} look like the {c.name}?", f"{look_names[0].upper()}{look_names[1:]} look like the "
                                                         f"{c.name}."),
+        # field-guide reasoning in words (no image): which species fit a description and how they differ. This is
+        # the knowledge a CoT rationale draws on after its visual analysis (the text half of `rationale`).
+        (f"{dom.article.capitalize()} {dom.noun} has {desc}. Which {dom.noun} is it?", reasoning(c, [c] + looks)),
     ]
 
 
@@ -559,13 +566,19 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
             q = rng.choice(EVAL_QUESTIONS).format(noun=dom.noun)
             cands = [c] + nearest(c, seen, 3, rng)
             rng.shuffle(cands)
-            user = {"role": "user", "content": "<image>" + q}
-            cot.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT_R1}, user,
-                                     {"role": "assistant", "content": rationale(c, cands)}],
-                        "images": [train[c.name][0]]})
-            nocot.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT_R1}, user,
-                                       {"role": "assistant", "content": f"<answer>{c.name}</answer>"}],
-                          "images": [train[c.name][0]]})
+            # one image and rationale per seen class, asked under each prompt the later stages use (TAPO's RL
+            # prompt, the open- and closed-world eval prompts): the tiny model does not transfer across prompt
+            # wordings the way Qwen2.5-VL-Instruct does (README, "The embedded world")
+            prompts = [rl_prompt(meta["domains"][d]["question"]), open_prompt(q),
+                       closed_prompt(q, [o.name for o in cands])]
+            for p in prompts:
+                user = {"role": "user", "content": "<image>" + p}
+                cot.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT_R1}, user,
+                                         {"role": "assistant", "content": rationale(c, cands)}],
+                            "images": [train[c.name][0]]})
+                nocot.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT_R1}, user,
+                                           {"role": "assistant", "content": f"<answer>{c.name}</answer>"}],
+                              "images": [train[c.name][0]]})
             for i, anchor in enumerate(train[c.name]):
                 pos = rng.choice([p for j, p in enumerate(train[c.name]) if j != i])
                 neg_cls = nearest(c, seen, 1, rng)[0]

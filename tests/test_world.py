@@ -138,7 +138,8 @@ def test_cot_rationale_has_four_parts(small, meta):
     pat = re.compile(r"<think> Visual analysis: the \w+ has (.+)\. Candidates: (.+)\. Comparison: (.+)\. "
                      r"Prediction: (.+)\. </think>\n\n<answer>(.+)</answer>")
     samples = json.loads((small / "cot_sft.json").read_text())
-    assert len(samples) == len(seen)
+    # one image and rationale per seen class, under the 3 prompts of the later stages (RL, open, closed)
+    assert len(samples) == 3 * len(seen) and len({s["images"][0] for s in samples}) == len(seen)
     for s in samples:
         m = pat.fullmatch(s["messages"][2]["content"])
         assert m, s["messages"][2]["content"]
@@ -147,6 +148,20 @@ def test_cot_rationale_has_four_parts(small, meta):
         assert m.group(4) == m.group(5) == label and label in cands and len(cands) <= 4
         assert set(cands) <= seen and f"{label} matches" in m.group(3)
         assert m.group(1) == world.description(classes_of(meta)[label])
+
+
+def test_sft_prompts_are_the_stages_prompts(small, meta):
+    """Each seen class's SFT image is asked under TAPO's RL prompt and the open / closed eval prompts."""
+    import data
+    samples = json.loads((small / "cot_sft.json").read_text())
+    by_image = {}
+    for s in samples:
+        by_image.setdefault(s["images"][0], []).append(s["messages"][1]["content"].replace("<image>", ""))
+    for texts in by_image.values():
+        assert texts[0].endswith(data.RL_SUFFIX)
+        assert texts[1].endswith("This is a fine-grained question. Output reasoning in <think></think> and the "
+                                 "final answer in <answer></answer>.")
+        assert texts[2].startswith("Given the question: ") and "based on the options provided in [" in texts[2]
 
 
 def test_nocot_file_mirrors_cot_file(small):

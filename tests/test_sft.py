@@ -1,0 +1,201 @@
+"""sft.py: assistant-only loss, exact token normalisation over micro-batches and ranks, resume, CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sft
+from conftest import random_image
+from policy import load_policy, rope_positions
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSWERS = [
+    "<think> Visual analysis: red head. Candidates: Vesper Finch, Garrow Wren. Prediction: Vesper Finch. </think>"
+    "\n\n<answer>Vesper Finch</answer>",
+    "<think> blue wings </think>\n\n<answer>Garrow Wren</answer>",
+    "A bird with a red head.",
+    "green",
+    "<think> Visual analysis: the aircraft has a white fuselage, tipped black wings and a red tail. </think>"
+    "\n\n<answer>Strom Comet</answer>",
+    "The Vesper Finch is a bird. It has a red head, plain blue wings and a yellow body.",
+]
+
+
+def stage1_records(folder, n=8):
+    """n Stage-1 records (release format) with images of several sizes; records 2 and n-1 are text-only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [(112, 112), (84, 56), (56, 112), (112, 84), (56, 56), (140, 84)]
+    recs = []
+    for i in range(n):
+        text_only = i in (2, n - 1)
+        if not text_only:
+            random_image(*sizes[i % len(sizes)], seed=i).save(folder / f"img{i}.png")
+        user = ("Tell me about the Vesper Finch." if text_only else
+                "<image>" + ["What species of bird is this?", "Describe this image."][i % 2])
+        recs.append({"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                                  {"role": "user", "content": user},
+                                  {"role": "assistant", "content": ANSWERS[i % len(ANSWERS)]}],
+                     "images": [] if text_only else [f"img{i}.png"]})
+    return recs
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stage1")
+    (d / "train.json").write_text(json.dumps(stage1_records(d)))
+    return d / "train.json"
+
+
+def prepared(path, system=None):
+    model, processor = load_policy("tiny", seed=0)
+    samples = sft.load_mixture(str(path))
+    prompt_lens, resp_ids, _ = sft.tokenize(samples, processor, system, 512)
+    return model, processor, samples, prompt_lens, resp_ids
+
+
+def run(args, nproc=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                               "--master_port", str(29600 + os.getpid() % 1000)] if nproc else []) + args
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def step_grads(model, processor, samples, prompt_lens, resp_ids, micro, batch=None):
+    """Gradient of one optimizer step over `batch` (default: every sample), one process."""
+    keys = sft.grouping_keys(prompt_lens, resp_ids)
+    batch = list(range(len(samples))) if batch is None else batch
+    (plan,) = sft.rank_micro_batches(batch, keys, micro, world=1)
+    mbs = [(sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb, None, "cpu"), 1.0) for mb in plan]
+    nll = sft.forward_backward(model, mbs, sum(len(resp_ids[i]) for i in batch), world=1)
+    # a text-only step leaves the vision tower without gradient in one process (zero under 2 ranks)
+    g = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return g, float(nll)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def test_only_assistant_tokens_carry_loss(stage1):
+    """The scored tokens are exactly the assistant text + <|im_end|>, and the loss is their HF-logits NLL."""
+    model, processor, samples, prompt_lens, resp_ids = prepared(stage1, system=sft.SYSTEM_PROMPT_R1)
+    tok = processor.tokenizer
+    idxs = list(range(len(samples)))
+    batch = sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, sft.SYSTEM_PROMPT_R1, "cpu")
+    mask = batch["response_mask"]
+    for row, i in enumerate(idxs):
+        assert tok.decode(batch["input_ids"][row][mask[row]]) == samples[i].answer + "<|im_end|>"
+    assert not (mask & (batch["mm_token_type_ids"] != 0)).any()  # no image token is scored
+    n = int(mask.sum())
+    with torch.no_grad():
+        lp = sft.token_logprobs(model, batch)
+        loss, _ = sft.sft_loss(lp, mask, n, world=1)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=rope_positions(model, batch), pixel_values=batch["pixel_values"],
+                       image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"]).logits
+    ref = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    torch.testing.assert_close(loss, -ref[mask[:, 1:]].sum() / n, atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batch_size_does_not_change_the_gradient(stage1):
+    """One step as 1 micro-batch of 8 and as 8 micro-batches of 1 gives the same gradient (1e-6)."""
+    model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
+    g8, nll8 = step_grads(model, processor, samples, prompt_lens, resp_ids, micro=8)
+    g1, nll1 = step_grads(model, processor, samples, prompt_lens, resp_ids, micro=1)
+    assert abs(nll8 - nll1) < 1e-3 * abs(nll8)
+    for k in g8:
+        torch.testing.assert_close(g1[k], g8[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_give_the_single_process_gradient(mode, stage1, tmp_path):
+    """2 ranks (DDP / FSDP2, gloo) give the 1-process gradient (1e-6): the whole batch at micro-batch 2, a
+    1-sample step (one rank idle) and a step where one rank's micro-batch is text-only and the other's not."""
+    from sft_worker import MIXED
+    model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
+    ref = {"full": step_grads(model, processor, samples, prompt_lens, resp_ids, micro=8)[0],
+           "one": step_grads(model, processor, samples, prompt_lens, resp_ids, 1, [len(samples) - 1])[0],
+           "mixed": step_grads(model, processor, samples, prompt_lens, resp_ids, 1, MIXED)[0]}
+    out = tmp_path / f"{mode}.pt"
+    run(["tests/sft_worker.py", "--data", str(stage1), "--mode", mode, "--micro", "2", "--out", str(out)], nproc=2)
+    got = torch.load(out)
+    for step in ref:
+        for k in ref[step]:
+            torch.testing.assert_close(got[step][k], ref[step][k], atol=1e-6, rtol=1e-5, msg=f"{step} {k}")
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in ref["full"].values()))
+    assert abs(got["norm_full"] - float(norm)) < 1e-5 * float(norm)
+
+
+def test_resume_continues_exactly(stage1, tmp_path):
+    """4 steps straight equal 2 steps + resume from step_2 + 2 steps: same parameters and losses."""
+    common = ["sft.py", "--model", "tiny", "--data", str(stage1), "--max-steps", "4", "--batch-size", "4",
+              "--micro-batch", "2", "--lr", "1e-3", "--warmup-steps", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(common + ["--out", str(a), "--save-every", "2"])
+    assert (a / "step_2" / "trainer_state.pt").exists()
+    run(common + ["--out", str(b), "--resume", str(a / "step_2")])
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=0, rtol=0, msg=k)
+    la = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lb] == [3, 4]
+    assert [r["loss"] for r in lb] == [r["loss"] for r in la[2:]]
+    assert [r["lr"] for r in lb] == [r["lr"] for r in la[2:]]
+
+
+def test_two_step_smoke_run_on_a_world_folder(stage1, tmp_path):
+    """`sft.py --data WORLD_DIR` trains 2 steps with the world profile: progress lines, metrics, HF checkpoint."""
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "world.json").write_text("{}")
+    for f in stage1.parent.iterdir():
+        if f.suffix == ".png":
+            (world / f.name).write_bytes(f.read_bytes())
+    (world / "cot_sft.json").write_text(stage1.read_text())
+    out = tmp_path / "run"
+    r = run(["sft.py", "--model", "tiny", "--data", str(world), "--out", str(out), "--max-steps", "2"])
+    assert '"profile": "world-pretrain"' in r.stdout
+    lines = [x for x in r.stdout.splitlines() if x.startswith("step ")]
+    assert len(lines) == 2 and lines[1].startswith("step 2/2 | loss ")
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 for m in metrics)
+    model, _ = load_policy(out / "final")
+    state = torch.load(out / "final" / "trainer_state.pt", weights_only=False)["state"]
+    assert state["step"] == 2 and state["args"]["data"] == str(world)
+
+
+def test_malformed_stage1_file_names_the_record(stage1, tmp_path):
+    """A Stage-1 file whose record #1 has no assistant turn stops sft.py with a message naming that record."""
+    recs = json.loads(stage1.read_text())[:3]
+    recs[1]["messages"] = recs[1]["messages"][:2]
+    bad = stage1.parent / "bad.json"
+    bad.write_text(json.dumps(recs))
+    with pytest.raises(SystemExit, match=r"bad\.json:#1"):
+        sft.main(["--model", "tiny", "--data", str(bad), "--out", str(tmp_path / "x")])
+
+
+def test_planning_schedule_and_mixture(stage1):
+    """Cosine/warmup values; same micro-batch count on every rank; PATH:WEIGHT repeats; --user-prompt rl."""
+    assert sft.cosine_with_warmup(0, 4, 12) == 0.0 and sft.cosine_with_warmup(2, 4, 12) == 0.5
+    assert sft.cosine_with_warmup(4, 4, 12) == 1.0 and abs(sft.cosine_with_warmup(8, 4, 12) - 0.5) < 1e-12
+    assert sft.cosine_with_warmup(12, 4, 12) == 0.0
+    keys = list(range(10))
+    for n, micro, world in [(10, 4, 1), (10, 4, 2), (7, 2, 4), (1, 4, 2), (3, 1, 8)]:
+        plan = sft.rank_micro_batches(list(range(n)), keys, micro, world)
+        assert len({len(r) for r in plan}) == 1  # same number of forward calls on every rank
+        got = sorted(i for r in plan for mb in r for i in mb)
+        assert got == list(range(n)) and all(len(mb) <= micro for r in plan for mb in r)
+    batches = sft.epoch_batches(list(range(10)), 4, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    assert len(sft.load_mixture(f"{stage1}:2,{stage1}:0.5")) == 8 * 2 + 4
+    plain, rl = sft.load_mixture(str(stage1)), sft.load_mixture(str(stage1), user_prompt="rl")
+    assert [r.question for r in rl] == [sft.rl_prompt(p.question) if p.image else p.question for p in plain]
