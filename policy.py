@@ -237,6 +237,13 @@ def load_policy(name_or_path, dtype=torch.float32, device="cpu", seed=0):
     return model.to(device).eval(), load_processor(path)
 
 
+def vision_token_ids(tokenizer):
+    """Ids of the vision placeholders, which a response must never contain (rollout's suppress_ids)."""
+    names = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in names]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 

@@ -223,12 +223,14 @@ def _prefill_mask(am, impl, dtype):
 
 @torch.no_grad()
 def generate(model, batch, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, greedy=False,
-             stop_ids=(), pad_id=0, seeds=None, sync=None):
+             stop_ids=(), pad_id=0, seeds=None, sync=None, suppress_ids=()):
     """Sample n responses per prompt row of a LEFT-padded batch (data.encode_prompts). Returns a Rollout on CPU.
 
     Output row r is sample r % n of prompt r // n. seeds: None (a base seed drawn from torch's global RNG),
     an int s (row r uses s * 1_000_003 + r) or one int per output row. Greedy ignores temperature / top-p /
     top-k and reports log-probs at temperature 1. sync: lockstep over ranks (default: when distributed).
+    suppress_ids: tokens never sampled (e.g. policy.vision_token_ids: an <|image_pad|> inside a response
+    would break the teacher-forced forward, which counts image tokens); reported log-probs stay unfiltered.
     """
     assert max_new_tokens >= 1, "max_new_tokens must be >= 1"
     model = unwrap(model)  # DDP -> the HF model; FSDP2 modules are the model itself
@@ -244,6 +246,7 @@ def generate(model, batch, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
     # (R, max_new) uniforms, drawn on CPU from each row's own generator: independent of the batch and device
     uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in gens]).to(dev)
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
+    suppress = torch.tensor(sorted(set(suppress_ids)), dtype=torch.long, device=dev) if len(suppress_ids) else None
 
     # ---- prefill: each distinct prompt row once (B rows), only the last position's logits -------------
     has_pix = batch.get("pixel_values") is not None
@@ -280,7 +283,9 @@ def generate(model, batch, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
                 # ---- sample token t of every cache row from its logits (rows, V) ----------------------
                 z = logits / temperature
                 logp = torch.log_softmax(z, dim=-1)
-                tok = logits.argmax(-1) if greedy else sample(z, uniforms[rows, t], top_k, top_p)
+                if suppress is not None:
+                    z = z.index_fill(1, suppress, float("-inf"))
+                tok = z.argmax(-1) if greedy else sample(z, uniforms[rows, t], top_k, top_p)
                 lp = logp.gather(1, tok[:, None]).squeeze(1)
                 # ---- record (finished rows still in the cache write padding) --------------------------
                 tokens[rows, t] = torch.where(alive, tok, pad_id)

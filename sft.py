@@ -92,7 +92,7 @@ RELEASE = dict(lr=5e-6, warmup_steps=6, epochs=10, batch_size=64, micro_batch=4,
 # (40 epochs: 46%) under the prompt it was trained on, but 0-37% under other prompts: the tiny model follows
 # only prompts it was trained on. So the world's SFT files ask each image under the RL, open and closed
 # prompts (90 samples), used as written; 27 epochs keep the same ~300 steps.
-WORLD_PRETRAIN = dict(lr=3e-3, warmup_steps=50, epochs=6, batch_size=16, micro_batch=8, max_length=512,
+WORLD_PRETRAIN = dict(lr=1e-3, warmup_steps=50, epochs=8, batch_size=16, micro_batch=8, max_length=512,
                       user_prompt="file")
 WORLD_SFT = dict(lr=1e-3, warmup_steps=10, epochs=27, batch_size=8, micro_batch=8, max_length=512, user_prompt="file")
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 import distributed
 from data import encode_prompts, join_prompt_response, load_stage2, load_triplet, rl_prompt, SYSTEM_PROMPT_R1
 from policy import (load_optimizer_state, load_policy, load_trainer_state, newest_checkpoint, optimizer_state,
-                    save_checkpoint, token_logprobs, unwrap)
+                    save_checkpoint, token_logprobs, unwrap, vision_token_ids)
 from reward import score
 from rollout import decode, generate
 
@@ -81,9 +81,9 @@ def get_args(argv=None):
     # Batches and dynamic sampling
     ap.add_argument("--rollout-batch", type=int, default=None, help="groups per RL step, global (release 3B: 384; world: 16)")
     ap.add_argument("--update-batch", type=int, default=None, help="groups per optimizer step, global (release 3B: 128; world: 8)")
-    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass per rank (release: 4)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass per rank (release: 4; world: 16)")
     ap.add_argument("--max-retries", type=int, default=20, help="extra prompt draws to refill filtered groups (paper: 20)")
-    ap.add_argument("--max-steps", type=int, default=None, help="RL steps (release: 10 epochs over the data; world: 30)")
+    ap.add_argument("--max-steps", type=int, default=None, help="RL steps (release: 10 epochs over the data; world: 20)")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (and save) after this many minutes")
     # Objective (Eq. 1-4)
     ap.add_argument("--eps-low", type=float, default=0.2, help="lower clip (DAPO: 0.2)")
@@ -98,7 +98,7 @@ def get_args(argv=None):
     ap.add_argument("--acc-weight", type=float, default=0.9, help="reward weight of accuracy (release: 0.9)")
     ap.add_argument("--fmt-weight", type=float, default=0.1, help="reward weight of the format (release: 0.1)")
     # Optimisation
-    ap.add_argument("--lr", type=float, default=None, help="AdamW constant lr (release: 1e-6; world: 2e-5)")
+    ap.add_argument("--lr", type=float, default=None, help="AdamW constant lr (release: 1e-6; world: 1e-4)")
     ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (release: 1e-2)")
     ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (release: 1.0)")
     # System
@@ -124,8 +124,10 @@ def get_args(argv=None):
         args.model = str(ck)
     world_profile = args.defaults == "world" or (args.defaults == "auto" and (
         args.model in ("tiny", "small") or _is_preset_checkpoint(args.model) or Path(args.data).parent == WORLD_DIR))
-    prof = dict(max_new_tokens=160, rollout_batch=16, update_batch=8, max_steps=30, lr=2e-5) if world_profile \
-        else dict(max_new_tokens=2048, rollout_batch=384, update_batch=128, max_steps=None, lr=1e-6)
+    # world: the tiny policy needs a larger lr than a 3B model (at 2e-5 no ratio left the clip range in 15 steps)
+    prof = dict(max_new_tokens=160, rollout_batch=16, update_batch=8, max_steps=20, lr=1e-4, micro_batch=16) \
+        if world_profile else dict(max_new_tokens=2048, rollout_batch=384, update_batch=128, max_steps=None, lr=1e-6,
+                                   micro_batch=4)
     for k, v in prof.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -261,7 +263,8 @@ def rollout_groups(model, processor, rows, args, system, seed_base):
         batch = encode_prompts(processor, imgs, text, system)
         seeds = [seed_base + 1000 * i + (0 if side == "anchor" else 500) + j for i in range(len(rows)) for j in range(n)]
         ro = generate(model, batch, n=n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, stop_ids=stop, pad_id=tok.pad_token_id, seeds=seeds)
+                      top_p=args.top_p, stop_ids=stop, pad_id=tok.pad_token_id, seeds=seeds,
+                      suppress_ids=vision_token_ids(tok))
         texts = decode(tok, ro)
         n_tok += int(ro.lengths.sum())
         for r in range(len(texts)):

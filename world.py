@@ -309,10 +309,14 @@ def rationale(c, candidates):
     return f"<think> {think} </think>\n\n<answer>{c.name}</answer>"
 
 
-def knowledge(c, classes):
-    """Encyclopaedic (question, answer) pairs about class c, both directions (against the reversal curse)."""
+def knowledge(c, classes, rng=None):
+    """Encyclopaedic (question, answer) pairs about class c, both directions (against the reversal curse).
+    With rng, the field-guide candidates are shuffled (as in a CoT rationale); without, c comes first."""
     dom, desc = DOMAINS[c.domain], description(c)
     looks = nearest(c, classes, 3)
+    guide = [c] + looks
+    if rng is not None:
+        rng.shuffle(guide)
     look_names = ", ".join(f"the {o.name}" for o in looks[:-1]) + f" and the {looks[-1].name}"
     return [
         (f"Describe the {c.name}.", f"The {c.name} is {dom.article} {dom.noun} with {desc}."),
@@ -325,7 +329,7 @@ def knowledge(c, classes):
                                                         f"{c.name}."),
         # field-guide reasoning in words (no image): which species fit a description and how they differ. This is
         # the knowledge a CoT rationale draws on after its visual analysis (the text half of `rationale`).
-        (f"{dom.article.capitalize()} {dom.noun} has {desc}. Which {dom.noun} is it?", reasoning(c, [c] + looks)),
+        (f"{dom.article.capitalize()} {dom.noun} has {desc}. Which {dom.noun} is it?", reasoning(c, guide)),
     ]
 
 
@@ -504,7 +508,7 @@ def _dump_jsonl(path, rows):
 
 
 def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, captions=20, vqa=0,
-             knowledge_repeats=2, seen_frac=0.6, domains=tuple(DOMAINS), workers=2, verbose=False):
+             knowledge_repeats=5, seen_frac=0.6, domains=tuple(DOMAINS), workers=2, verbose=False):
     """Write the world into `out_dir` (see the module docstring for the files) and return its Path."""
     t0 = time.time()
     out = Path(out_dir)
@@ -545,7 +549,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
         # ---- pretraining corpus: knowledge of every class (text only) + captions/VQA of images of all classes
         for c in classes:
             for _ in range(knowledge_repeats):
-                for q, a in knowledge(c, classes):
+                for q, a in knowledge(c, classes, rng):
                     pretrain.append({"messages": [{"role": "user", "content": q},
                                                   {"role": "assistant", "content": a}], "images": []})
         n_pre = 0
@@ -663,7 +667,7 @@ def main():
     p.add_argument("--captions", type=int, default=20, help="captioned pretraining images per class")
     p.add_argument("--vqa", type=int, default=0,
                    help="attribute questions per captioned image (measured: learnt far slower than captions)")
-    p.add_argument("--knowledge-repeats", type=int, default=2, help="copies of each class's knowledge texts")
+    p.add_argument("--knowledge-repeats", type=int, default=5, help="copies of each class's knowledge texts")
     p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), help="domains")
     p.add_argument("--workers", type=int, default=2, help="processes for image rendering (0 or 1: in-process)")
     args = p.parse_args()

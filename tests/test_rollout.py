@@ -185,3 +185,25 @@ def test_two_rank_fsdp_rank_finishing_early(sharp, tmp_path):
         assert g["finish"] == ref.finish
         torch.testing.assert_close(g["logprobs"], ref.logprobs, atol=1e-5, rtol=0)
     assert got[1]["tokens"].shape[1] <= W.SHORT < got[0]["tokens"].shape[1]  # rank 1 really finished first
+
+
+def test_suppressed_tokens_are_never_sampled(tiny):
+    """suppress_ids (the vision placeholders) never appear in sampled or greedy outputs; log-probs stay unfiltered."""
+    from conftest import random_image
+    from data import encode_prompts
+    from policy import vision_token_ids
+    from rollout import generate, to_train_batch
+    model, proc = tiny
+    batch = encode_prompts(proc, [random_image(112, 112, 0)], ["What species of bird is this?"])
+    # the three most likely first tokens are suppressed: they must be avoided, whatever the draw
+    first = generate(model, batch, n=1, max_new_tokens=1, greedy=True, pad_id=0)
+    plain = generate(model, batch, n=8, max_new_tokens=6, temperature=2.0, seeds=3, pad_id=0)
+    banned = sorted(set(vision_token_ids(proc.tokenizer)) | set(first.tokens[:, 0].tolist())
+                    | set(plain.tokens[:, 0].tolist()))
+    for greedy in (True, False):
+        ro = generate(model, batch, n=8, max_new_tokens=6, temperature=2.0, greedy=greedy, seeds=3, pad_id=0,
+                      suppress_ids=banned)
+        assert not torch.isin(ro.tokens[ro.mask], torch.tensor(banned)).any()
+        lp = token_logprobs(model, to_train_batch(batch, ro), temperature=1.0 if greedy else 2.0)
+        P = lp.shape[1] - ro.tokens.shape[1]
+        torch.testing.assert_close(lp[:, P:][ro.mask], ro.logprobs[ro.mask], atol=1e-5, rtol=0)
