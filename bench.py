@@ -364,7 +364,6 @@ def _torchrun(nproc, args, threads):
 
 
 def bench_sft(args):
-    from pathlib import Path
     import sft
     from policy import load_policy
     world = _sft_world(args.world)

@@ -23,7 +23,6 @@ lm_head) around it as usual and reduces their gradients after backward.
 """
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -31,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor

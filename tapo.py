@@ -43,7 +43,7 @@ from tqdm import tqdm
 import distributed
 from data import encode_prompts, join_prompt_response, load_stage2, load_triplet, rl_prompt, SYSTEM_PROMPT_R1
 from policy import (load_optimizer_state, load_policy, load_trainer_state, newest_checkpoint, optimizer_state,
-                    save_checkpoint, token_logprobs, unwrap, vision_token_ids)
+                    save_checkpoint, token_logprobs, vision_token_ids)
 from reward import score
 from rollout import decode, generate
 

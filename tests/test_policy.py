@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import padded_batch, random_image
 
-from policy import (ChunkedLogprob, build_preset, chunked_logprobs, count_params, load_policy, naive_logprobs,
+from policy import (build_preset, chunked_logprobs, count_params, load_policy, naive_logprobs,
                     save_checkpoint, load_trainer_state, token_logprobs, image_embeddings)
 
 
