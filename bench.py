@@ -278,7 +278,7 @@ def _train_flops(model, batch):
     """Model FLOPs of one training step (forward + backward = 3 x forward; recomputation not counted):
     text 6 N T + 12 L d S T (PaLM's attention term, S = sequence width), the LM head only on scored tokens
     (the chunked head), vision 6 N_vis P + 12 L_vis d_vis W P (W: 64-patch windows, full attention blocks)."""
-    from policy import unwrap
+    from distributed import unwrap
     hf = unwrap(model)
     tc, vc = hf.config.text_config, hf.config.vision_config
     n_text = sum(p.numel() for p in hf.model.language_model.layers.parameters())
@@ -303,6 +303,7 @@ def _sft_mfu(args):
     from PIL import Image
     import distributed
     import sft
+    import training
     from data import encode_pairs
     from policy import load_policy
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -335,7 +336,7 @@ def _sft_mfu(args):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         sft.forward_backward(model, [(batch, 1.0)], n_step, dist.world, autocast or contextlib.nullcontext)
-        sft.clip_grad_norm(list(model.parameters()), 1.0)
+        training.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:

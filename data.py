@@ -1,4 +1,4 @@
-"""Data layer: the release's three file formats, the ONE prompt / chat construction, batching, real-data builders.
+"""Data layer: the release's three file formats, the ONE prompt / chat construction, batching.
 
 Formats (REFERENCE.md section 4, samples in shared/formats/), read with a clear error naming the file and the
 line (JSONL, 1-based) or record index (JSON), or the image path, for any malformed record:
@@ -18,14 +18,14 @@ Prompts and chat, shared by sft.py, tapo.py / rollout.py and eval.py:
     open_prompt(q)                the release's open-world eval prompt
     chat_messages(text, has_image, system=None) -> Qwen chat messages (image first, then text)
     encode_prompts(processor, images, texts)    -> left-padded generation batch
+    stack_prompts(single_row_prompts, pad_id)   -> the same batch from prompts encoded earlier, one per row
     encode_responses / join_prompt_response / encode_pairs -> [prompt | response] batch with response_mask
 
-Builders: `build_from_image_folder(root, out_dir, ...)` turns a one-folder-per-class dataset into a seen /
-unseen split, a k-shot TAPO triplet file and closed-world eval files, with hard negatives / distractors from
-the loaded policy's mean-pooled vision-tower features (policy.image_embeddings). CLI:
+Real image-folder datasets are turned into these files by imagefolder.py. CLI:
 
-    python data.py check out/world/*.json*                                 # parse + check images, counts
-    python data.py build /data/cub/images --out data/cub --policy tiny     # image folder -> release files
+    python data.py out/world/*.json*          # parse + check images, counts
+
+Layer: data -> reward (label normalisers); nothing else of this project.
 
 Deliberate choices
 ------------------
@@ -36,8 +36,8 @@ Deliberate choices
    release's SFT). A Stage-1 file's own system message is reported in `SFTSample.system` but not applied.
 2. RL_SUFFIX is the release's `cls_thinking.jinja`: the problem (trimmed), a blank line, then the instruction.
 3. One image per sample / row (the release never uses more); a second image is a DataError.
-4. The builder writes paths relative to `out_dir` and does not copy images: a triplet's positive and negative
-   are resized to the anchor's size at load time (`load_triplet`), as the release's RL requires.
+4. A triplet's positive and negative are resized to the anchor's size at load time (`load_triplet`), as the
+   release's RL requires.
 """
 import argparse
 import json
@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from reward import release_label
 
 # ----------------------------------------------------------------------------------------------------------
 # Prompts (the release's strings, verbatim)
@@ -119,11 +121,6 @@ class EvalItem:
     dataset: str = ""   # from the file name "{dataset}_{seen|unseen}.jsonl"
     split: str = ""     # "seen" / "unseen" ("" when the name does not say)
     source: str = ""
-
-
-def normalise_label(s):
-    """The release's label normalisation (eval/evaluation.py): lower case, "_" -> " "."""
-    return str(s).lower().replace("_", " ").strip()
 
 
 def load_image(path, size=None):
@@ -197,6 +194,28 @@ def _read_jsonl(path):
             raise DataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
         rows.append((n, rec))
     return rows
+
+
+def parse_data_spec(spec, flag="--data"):
+    """[(path, weight)] from the one `--data` syntax every stage shares: comma-separated PATH[:WEIGHT].
+
+    PATH is a file, or a folder that the stage resolves to its own file(s) in it (an embedded world). WEIGHT
+    (default 1, > 0) only means something to sft.py's mixtures; the other stages refuse one."""
+    out = []
+    for part in filter(None, (s.strip() for s in str(spec).split(","))):
+        path, weight = part, 1.0
+        head, _, tail = part.rpartition(":")
+        if head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass
+        if weight <= 0:
+            raise DataError(f"{flag} {part}: weight must be > 0")
+        out.append((path, weight))
+    if not out:
+        raise DataError(f"{flag} {spec!r}: no source")
+    return out
 
 
 def load_stage1(path, image_root=None, check_images=True):
@@ -275,7 +294,7 @@ def load_eval(path, image_root=None, check_images=True):
         options, gt = rec["options"], _str(rec, "ground_truth", where)
         if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
             raise DataError(f"{where}: 'options' must be a list of at least 2 strings, got {options!r}")
-        if normalise_label(gt) not in {normalise_label(o) for o in options}:
+        if release_label(gt).strip() not in {release_label(o).strip() for o in options}:
             raise DataError(f"{where}: ground truth {gt!r} is not among its options {options}")
         out.append(EvalItem(image=_image_path(rec["image_path"], root, where, check_images),
                             question=_str(rec, "question", where), options=list(options), ground_truth=gt,
@@ -307,6 +326,23 @@ def encode_prompts(processor, images, user_texts, system=None):
     finally:
         tok.padding_side = side
     return dict(enc)
+
+
+def stack_prompts(prompts, pad_id):
+    """One LEFT-padded batch from single-row `encode_prompts` outputs, without running the processor again
+    (TAPO encodes each group's prompt once per image and reuses it for rollouts and every scoring pass).
+    Rows keep their order; pixel_values / image_grid_thw are concatenated in row order, as the processor does."""
+    P = max(p["input_ids"].shape[1] for p in prompts)
+
+    def left(t, fill):  # (1, T) -> (1, P)
+        return torch.cat([t.new_full((1, P - t.shape[1]), fill), t], 1)
+    out = {"input_ids": torch.cat([left(p["input_ids"], pad_id) for p in prompts]),
+           "attention_mask": torch.cat([left(p["attention_mask"], 0) for p in prompts]),
+           "mm_token_type_ids": torch.cat([left(p["mm_token_type_ids"], 0) for p in prompts])}
+    if any(p.get("pixel_values") is not None for p in prompts):
+        out["pixel_values"] = torch.cat([p["pixel_values"] for p in prompts if p.get("pixel_values") is not None])
+        out["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in prompts if p.get("pixel_values") is not None])
+    return out
 
 
 def encode_responses(tokenizer, responses, add_eos=True):
@@ -346,6 +382,39 @@ def encode_pairs(processor, images, user_texts, responses, system=None, add_eos=
     return join_prompt_response(prompts, resp, processor.tokenizer.pad_token_id)
 
 
+class RowStream:
+    """An endless, resumable stream of this rank's rows (TAPO's prompts): epoch e uses permutation(seed, e), rank r
+    takes every world-th row from r (sharding by stride)."""
+
+    def __init__(self, rows, seed, rank, world):
+        self.rows, self.seed, self.rank, self.world = rows, seed, rank, world
+        self.epoch, self.cursor = 0, 0
+        self._order = None
+
+    def _epoch_order(self):
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        perm = torch.randperm(len(self.rows), generator=g).tolist()
+        return perm[self.rank::self.world]
+
+    def take(self, k):
+        out = []
+        while len(out) < k:
+            if self._order is None:
+                self._order = self._epoch_order()
+            if self.cursor >= len(self._order):
+                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+                continue
+            out.append(self.rows[self._order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def state(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load(self, s):
+        self.epoch, self.cursor, self._order = s["epoch"], s["cursor"], None
+
+
 def length_grouped_batches(lengths, batch_size, seed, shuffle=True, group_size_mult=50):
     """Batches of indices with similar lengths (HF LengthGroupedSampler style): shuffle, cut into megabatches
     of batch_size * group_size_mult, sort each by length (longest first), chunk, shuffle the batch order."""
@@ -361,113 +430,6 @@ def length_grouped_batches(lengths, batch_size, seed, shuffle=True, group_size_m
     if shuffle:
         rng.shuffle(batches)
     return batches
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Real data: an image-folder dataset (one folder per class) -> split, k-shot triplets, closed-world options
-
-def folder_label(name):
-    """Class label from a folder name: a leading index ("001.") dropped, "_" -> " " (CUB style)."""
-    return re.sub(r"^\d+[._-]", "", name).replace("_", " ").strip()
-
-
-def _write_jsonl(path, rows):
-    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
-def build_from_image_folder(root, out_dir, model=None, processor=None, seed=0, seen_frac=0.6, shots=4,
-                            n_options=4, test_per_class=None, dataset=None, noun="object", kind="kind",
-                            embed_fn=None, batch_size=16):
-    """Write {dataset}_rl_train.jsonl, {dataset}_seen.jsonl, {dataset}_unseen.jsonl and {dataset}_split.json.
-
-    Split: a seeded `seen_frac` of the classes is seen. Seen classes give `shots` training images (the rest
-    are seen test images); unseen classes give only test images (at most `test_per_class` per class).
-    Similarity: cosine between class means of `embed_fn(images) -> (N, D)` features over `shots` images per
-    class (default: policy.image_embeddings of `model` / `processor`, the mean-pooled vision tower).
-    Triplets, one per training image: positive = another training image of the class, negative = the training
-    image (closest to the anchor) of the most similar other SEEN class. Options: the ground truth first (as
-    released) + the n_options - 1 most similar classes of the whole dataset. Returns {name: path}.
-    """
-    root, out = Path(root), Path(out_dir)
-    dataset = dataset or root.name
-    if embed_fn is None:
-        if model is None or processor is None:
-            raise ValueError("build_from_image_folder needs model and processor (or embed_fn) for similarities")
-        from policy import image_embeddings
-        embed_fn = lambda imgs: image_embeddings(model, processor, imgs, batch_size=batch_size)  # noqa: E731
-    assert shots >= 2, "shots must be >= 2: a triplet's positive is another training image of the class"
-    folders = sorted(d for d in root.iterdir() if d.is_dir())
-    files = {d.name: sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS) for d in folders}
-    folders = [d for d in folders if files[d.name]]
-    if len(folders) < n_options:
-        raise DataError(f"{root}: {len(folders)} class folders with images, need at least {n_options}")
-    rng = random.Random(seed)
-    order = [d.name for d in folders]
-    rng.shuffle(order)
-    n_seen = round(seen_frac * len(order))
-    seen, unseen = sorted(order[:n_seen]), sorted(order[n_seen:])
-    if len(seen) < 2:
-        raise DataError(f"{root}: only {len(seen)} seen classes; a triplet needs a negative class")
-    imgs = {}
-    for c in order:
-        fs = list(files[c])
-        rng.shuffle(fs)
-        imgs[c] = fs
-    for c in seen:
-        if len(imgs[c]) < shots:
-            raise DataError(f"{root / c}: {len(imgs[c])} images, need at least shots={shots}")
-
-    # features: `shots` images per class (the training images of seen classes), unit norm
-    classes = sorted(order)
-    emb_files = [f for c in classes for f in imgs[c][:shots]]
-    feats = embed_fn([load_image(f) for f in emb_files]).float()
-    feats = torch.nn.functional.normalize(feats, dim=-1)                          # (N, D)
-    owner = [c for c in classes for _ in imgs[c][:shots]]
-    means = torch.stack([feats[[i for i, o in enumerate(owner) if o == c]].mean(0) for c in classes])
-    means = torch.nn.functional.normalize(means, dim=-1)
-    sim = means @ means.T                                                         # (C, C) class similarity
-    cidx = {c: i for i, c in enumerate(classes)}
-    feat_of = {f: feats[i] for i, f in enumerate(emb_files)}
-
-    def most_similar(c, pool, k):
-        others = [o for o in pool if o != c]
-        return sorted(others, key=lambda o: (-float(sim[cidx[c], cidx[o]]), o))[:k]
-
-    rel = lambda f: os.path.relpath(os.path.abspath(f), os.path.abspath(out))  # noqa: E731
-    label = {c: folder_label(c) for c in classes}
-    problem = f"<image> Based on this image, what {kind} of {noun} is shown?"
-    rl, neg_class = [], {}
-    for c in seen:
-        train = imgs[c][:shots]
-        neg_class[c] = most_similar(c, seen, 1)[0]
-        negs = imgs[neg_class[c]][:shots]
-        for i, a in enumerate(train):
-            pos = rng.choice([p for j, p in enumerate(train) if j != i])
-            neg = max(negs, key=lambda f: float(feat_of[f] @ feat_of[a]))
-            rl.append({"images": [rel(a)], "problem": problem, "answer": label[c],
-                       "image_noisy": [rel(pos)], "image_aug": [rel(neg)]})
-    options = {c: [label[c]] + [label[o] for o in most_similar(c, classes, n_options - 1)] for c in classes}
-    questions = [q.format(noun=noun) for q in ("What kind of {noun} is this?", "What is the {noun} shown in "
-                 "the photo?", "What type of {noun} is shown in the image?", "Do you know what {noun} this is?")]
-    evals = {"seen": [], "unseen": []}
-    for split, group in (("seen", seen), ("unseen", unseen)):
-        for c in group:
-            test = imgs[c][shots:] if split == "seen" else imgs[c]
-            for f in test[:test_per_class]:
-                evals[split].append({"image_path": rel(f), "question": rng.choice(questions),
-                                     "options": options[c], "ground_truth": label[c]})
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"rl_train": out / f"{dataset}_rl_train.jsonl", "seen": out / f"{dataset}_seen.jsonl",
-             "unseen": out / f"{dataset}_unseen.jsonl", "split": out / f"{dataset}_split.json"}
-    _write_jsonl(paths["rl_train"], rl)
-    _write_jsonl(paths["seen"], evals["seen"])
-    _write_jsonl(paths["unseen"], evals["unseen"])
-    paths["split"].write_text(json.dumps({
-        "root": str(root), "seed": seed, "seen_frac": seen_frac, "shots": shots,
-        "seen": [label[c] for c in seen], "unseen": [label[c] for c in unseen],
-        "negative_class": {label[c]: label[o] for c, o in neg_class.items()},
-        "options": {label[c]: o for c, o in options.items()}}, indent=1, ensure_ascii=False) + "\n")
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,34 +450,14 @@ def check(paths, check_images=True):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="parse release-format files and check their images")
-    c.add_argument("files", nargs="+", help="Stage-1 .json, Stage-2 .jsonl or eval {name}_{seen|unseen}.jsonl")
-    c.add_argument("--no-images", action="store_true", help="do not check that images exist and open")
-    b = sub.add_parser("build", help="image folder (one folder per class) -> release-format files")
-    b.add_argument("root", help="dataset folder with one sub-folder of images per class")
-    b.add_argument("--out", required=True, help="output folder (paths in the files are relative to it)")
-    b.add_argument("--policy", default="tiny", help="policy preset or HF folder whose vision tower gives features")
-    b.add_argument("--dataset", default=None, help="dataset name (file prefix); default: the root folder name")
-    b.add_argument("--noun", default="object", help="super-category word used in questions (bird, car, ...)")
-    b.add_argument("--kind", default="kind", help="RL question 'what {kind} of {noun} is shown?' (species, model)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the split, shots and choices")
-    b.add_argument("--seen-frac", type=float, default=0.6, help="fraction of seen classes (paper: 60%%)")
-    b.add_argument("--shots", type=int, default=4, help="training images per seen class (paper: 4)")
-    b.add_argument("--test-per-class", type=int, default=None, help="cap on test images per class")
+    p = argparse.ArgumentParser(description="Parse release-format files and check their images (file:line errors).")
+    p.add_argument("files", nargs="+", help="Stage-1 .json, Stage-2 .jsonl or eval {name}_{seen|unseen}.jsonl")
+    p.add_argument("--no-images", action="store_true", help="do not check that images exist and open")
     args = p.parse_args()
-    if args.cmd == "check":
+    try:
         check(args.files, check_images=not args.no_images)
-    else:
-        torch.set_num_threads(min(4, os.cpu_count() or 1))
-        from policy import load_policy
-        model, processor = load_policy(args.policy)
-        for k, v in build_from_image_folder(args.root, args.out, model, processor, seed=args.seed,
-                                            seen_frac=args.seen_frac, shots=args.shots, noun=args.noun,
-                                            kind=args.kind, test_per_class=args.test_per_class,
-                                            dataset=args.dataset).items():
-            print(f"{k}: {v}")
+    except DataError as e:
+        raise SystemExit(f"data.py: {e}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""torchrun plumbing shared by sft.py, tapo.py, rollout.py and eval.py.
+"""torchrun plumbing shared by sft.py, tapo.py, rollout.py and eval.py; imports nothing of this project.
 
     dist = setup()                  # reads torchrun's env; NCCL on CUDA, gloo on CPU; world size 1 unlaunched
     dist.print("only rank 0 prints")
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as tdist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -80,6 +82,17 @@ def all_sum(x):
     return t if torch.is_tensor(x) else float(t)
 
 
+def all_max(x):
+    """Maximum of a tensor (elementwise) or float over ranks; identity when not distributed."""
+    t = torch.as_tensor(x, dtype=torch.float64).clone() if not torch.is_tensor(x) else x
+    if is_distributed():
+        dev = "cuda" if tdist.get_backend() == "nccl" else "cpu"
+        y = t.to(dev)
+        tdist.all_reduce(y, op=tdist.ReduceOp.MAX)  # collective: every rank gets the largest value
+        t = y.to(t.device)
+    return t if torch.is_tensor(x) else float(t)
+
+
 def all_any(flag):
     """True on every rank if `flag` is True on any rank (used for lockstep decisions)."""
     return all_sum(float(bool(flag))) > 0
@@ -109,10 +122,8 @@ def wrap(model, mode, dist, mixed_precision=None):
     if mode == "none" or dist.world == 1 and mode != "fsdp":
         return model
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     if mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         if mixed_precision is None:
             mixed_precision = dist.device.type == "cuda"
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
@@ -125,9 +136,13 @@ def wrap(model, mode, dist, mixed_precision=None):
     raise ValueError(f"unknown parallel mode {mode!r}: none | ddp | fsdp")
 
 
+def unwrap(model):
+    """The underlying HF model of a DDP-wrapped one (FSDP2 modules are the model itself)."""
+    return model.module if hasattr(model, "module") and not hasattr(model, "lm_head") else model
+
+
 def set_gradient_checkpointing(model, on):
     """Recompute each decoder layer's activations in backward (saves memory, costs ~30% more compute)."""
-    from policy import unwrap
     hf = unwrap(model)
     if on:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -5,7 +5,15 @@ Fine-R1 (He, Geng, Peng, ICLR 2026, arXiv 2602.07605) trains with an R1-style re
 `<think>...</think><answer>LABEL</answer>` responses. The paper names only the accuracy check; the
 release (github.com/PKU-ICST-MIPL/FineR1_ICLR2026, TAPO/examples/reward_function/cls_thinking.py) adds a
 format term with weight 0.1 (REFERENCE.md section 2). This file is pure Python (no torch), meant to be
-called by tapo.py on every rollout; eval.py can reuse extract_answer and normalize_label.
+called by tapo.py on every rollout. It also holds EVERY answer parser and label normaliser of the project,
+each named for the rule it follows (data.py and eval.py import them from here):
+
+    strict_answer(text)        last complete <answer> block            (our strict reward)
+    release_rl_answer(text)    first <answer> block, lazy, after the tag-space clean-up (release RL reward)
+    release_eval_answer(text)  first <answer> to last </answer>, greedy (release eval script)
+    strict_label(s)            lower, _/- -> space, punctuation dropped, spaces collapsed (strict reward)
+    strict_canonical(s)        strict_label + one leading article dropped  (strict reward)
+    release_label(s)           lower, _ -> space                         (release RL and eval scripts)
 
     python reward.py "<think>white head</think><answer>Laysan Albatross</answer>" "Laysan Albatross"
     python reward.py RESPONSE GROUND_TRUTH --mode official
@@ -18,9 +26,9 @@ Tags are case-sensitive, as in the release.
 
 Accuracy reward, two modes (REWARD_MODES):
 - "strict" (default): the response has exactly one <answer>...</answer> block and its content names the
-  class and nothing else: normalize_label(answer) == normalize_label(ground truth), after dropping one
+  class and nothing else: strict_label(answer) == strict_label(ground truth), after dropping one
   leading article ("the", "a", "an") on both sides. Trailing periods, case, "_", "-" and spacing are
-  forgiven by normalize_label. Lists ("A, B", "A or B", "A/B", "A and B", one per line), hedges
+  forgiven by strict_label. Lists ("A, B", "A or B", "A/B", "A and B", one per line), hedges
   ("either A or B") and extra words ("A (Phoebastria nigripes)") all fail equality, so listing classes
   cannot be rewarded.
 - "official": the release's RL check, `gt.lower() in answer.lower()` on the first <answer> block after
@@ -82,8 +90,8 @@ def format_reward(response) -> float:
     return 1.0 if FORMAT_RE.fullmatch(text) else 0.0
 
 
-def extract_answer(response) -> str | None:
-    """Stripped text of the last <answer>...</answer> block, or None if there is no complete block."""
+def strict_answer(response) -> str | None:
+    """Strict rule: stripped text of the last <answer>...</answer> block, or None without a complete block."""
     text = as_str(response)
     end = text.rfind(ANSWER_CLOSE)
     if end == -1:
@@ -94,8 +102,8 @@ def extract_answer(response) -> str | None:
     return text[start + len(ANSWER_OPEN):end].strip()
 
 
-def normalize_label(s) -> str:
-    """Lower case, "_"/"-" -> space, other punctuation dropped, whitespace collapsed and stripped.
+def strict_label(s) -> str:
+    """Strict rule: lower case, "_"/"-" -> space, other punctuation dropped, whitespace collapsed and stripped.
 
     "Black_footed albatross" and "Black-Footed  Albatross." both become "black footed albatross";
     "Brewer's Sparrow" becomes "brewers sparrow", "F/A-18" becomes "fa 18".
@@ -106,9 +114,38 @@ def normalize_label(s) -> str:
     return WHITESPACE_RE.sub(" ", s).strip()
 
 
-def canonical_label(s) -> str:
-    """normalize_label plus one leading article removed: "The Laysan Albatross." -> "laysan albatross"."""
-    return ARTICLE_RE.sub("", normalize_label(s), count=1)
+def strict_canonical(s) -> str:
+    """Strict rule: strict_label plus one leading article removed: "The Laysan Albatross." -> "laysan albatross"."""
+    return ARTICLE_RE.sub("", strict_label(s), count=1)
+
+
+def release_rl_answer(response) -> str | None:
+    """Release RL reward's parse: whitespace around "<", ">" and "/" removed, then the first
+    <answer>...</answer> block (lazy), stripped; None without one. Same span as the release's
+    re.search(r"<answer>(.*?)</answer>", DOTALL), without its O(n^2) worst case."""
+    text = RELEASE_TAG_SPACE_RE.sub("", as_str(response))
+    start = text.find(ANSWER_OPEN)
+    if start == -1:
+        return None
+    end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+    if end == -1:
+        return None
+    return text[start + len(ANSWER_OPEN):end].strip()
+
+
+def release_eval_answer(output) -> str | None:
+    """Release eval script's parse, re.search(r'<answer>(.*)</answer>', DOTALL).group(1).strip(): from the
+    FIRST <answer> to the LAST </answer> (greedy); None without a complete pair."""
+    text = as_str(output)
+    s, e = text.find(ANSWER_OPEN), text.rfind(ANSWER_CLOSE)
+    if s == -1 or e < s + len(ANSWER_OPEN):
+        return None
+    return text[s + len(ANSWER_OPEN):e].strip()
+
+
+def release_label(s) -> str:
+    """Release label normalisation (RL and eval scripts): lower case, "_" -> " " (no stripping)."""
+    return str(s).lower().replace("_", " ")
 
 
 # -----------------------------------------------------------------------------
@@ -119,24 +156,18 @@ def strict_accuracy(response, ground_truth) -> float:
     text = as_str(response)
     if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:
         return 0.0  # missing, or several answer blocks (a hedge across blocks)
-    answer = extract_answer(text)
+    answer = strict_answer(text)
     if answer is None:
         return 0.0  # "</answer> ... <answer>": the close tag comes first
-    target = canonical_label(ground_truth)
-    return 1.0 if target and canonical_label(answer) == target else 0.0
+    target = strict_canonical(ground_truth)
+    return 1.0 if target and strict_canonical(answer) == target else 0.0
 
 
 def official_accuracy(response, ground_truth) -> float:
     """The release's RL check: gt.lower() in answer.lower(), answer = first <answer> block (Δ10)."""
-    text = RELEASE_TAG_SPACE_RE.sub("", as_str(response))
-    # same span as the release's re.search(r"<answer>(.*?)</answer>", DOTALL), without its O(n^2) worst case
-    start = text.find(ANSWER_OPEN)
-    if start == -1:
-        return 0.0
-    end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
-    if end == -1:
+    answer = release_rl_answer(response)
+    if answer is None:
         return 0.0  # no answer tag: 0, as the release RL reward (deviation 4)
-    answer = text[start + len(ANSWER_OPEN):end].strip()
     gt = as_str(ground_truth)
     return 1.0 if gt and gt.lower() in answer.lower() else 0.0
 

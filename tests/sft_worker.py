@@ -16,7 +16,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import distributed  # noqa: E402
 import sft  # noqa: E402
-from policy import load_policy, unwrap  # noqa: E402
+from distributed import unwrap  # noqa: E402
+from policy import load_policy  # noqa: E402
+import training  # noqa: E402
 
 MIXED = [0, 2]  # an image sample and a text-only one: at micro-batch 1 one rank has an image, the other not
 
@@ -39,7 +41,7 @@ def step_grads(model, processor, samples, prompt_lens, resp_ids, keys, batch, mi
     mine = [(sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb or batch[:1], None, dist.device,
                                     need_image=dist.world > 1), 1.0 if mb else 0.0) for mb in plan[dist.rank]]
     sft.forward_backward(model, mine, n_step, dist.world)
-    norm = sft.clip_grad_norm([p for p in model.parameters() if p.requires_grad], 0.0)
+    norm = training.clip_grad_norm(model, 0.0)
     g = grads(model)
     model.zero_grad(set_to_none=True)
     return g, norm

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 import data
+import imagefolder
 from data import DataError
 
-FORMATS = Path(__file__).resolve().parents[2] / "shared" / "formats"
+FORMATS = Path(__file__).resolve().parent / "fixtures"  # the release's sample files, copied
 
 
 def png(path, colour=(200, 30, 30), size=(112, 112)):
@@ -264,7 +265,7 @@ def mean_colour(images):
 @pytest.fixture(scope="module")
 def built(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("built")
-    return data.build_from_image_folder(folder, out, seed=0, shots=3, embed_fn=mean_colour, noun="bird",
+    return imagefolder.build_from_image_folder(folder, out, seed=0, shots=3, embed_fn=mean_colour, noun="bird",
                                         kind="species")
 
 
@@ -284,7 +285,7 @@ def test_builder_split_and_files_parse(built):
 def test_builder_triplets_use_most_similar_seen_class(built, folder):
     """Positive: another training image of the class; negative: an image of the most similar seen class."""
     split = json.loads(built["split"].read_text())
-    label = {n: data.folder_label(n) for n in COLOURS}
+    label = {n: imagefolder.folder_label(n) for n in COLOURS}
     colour = {label[n]: np.array(c, dtype=float) for n, c in COLOURS.items()}
     cls_of = lambda p: label[Path(p).parent.name]  # noqa: E731
     for r in data.load_stage2(built["rl_train"]):
@@ -305,14 +306,14 @@ def test_builder_options_hold_ground_truth_and_similar_classes(built):
 
 def test_builder_is_deterministic(folder, tmp_path):
     """Same seed -> identical files."""
-    a = data.build_from_image_folder(folder, tmp_path / "a", seed=4, embed_fn=mean_colour)
-    b = data.build_from_image_folder(folder, tmp_path / "b", seed=4, embed_fn=mean_colour)
+    a = imagefolder.build_from_image_folder(folder, tmp_path / "a", seed=4, embed_fn=mean_colour)
+    b = imagefolder.build_from_image_folder(folder, tmp_path / "b", seed=4, embed_fn=mean_colour)
     assert all(a[k].read_text() == b[k].read_text() for k in ("rl_train", "seen", "unseen"))
 
 
 def test_builder_with_policy_vision_features(folder, tmp_path, tiny):
     """The default similarity is the loaded policy's mean-pooled vision-tower features."""
     model, proc = tiny
-    paths = data.build_from_image_folder(folder, tmp_path, model, proc, seed=0, shots=2, test_per_class=1)
+    paths = imagefolder.build_from_image_folder(folder, tmp_path, model, proc, seed=0, shots=2, test_per_class=1)
     assert len(data.load_stage2(paths["rl_train"])) == 5 * 2
     assert all(len(i.options) == 4 for i in data.load_eval(paths["unseen"]))

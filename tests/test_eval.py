@@ -17,7 +17,7 @@ import eval as ev
 from data import DataError, EvalItem
 
 ROOT = Path(__file__).resolve().parents[1]
-FORMATS = Path(__file__).resolve().parents[2] / "shared" / "formats"
+FORMATS = Path(__file__).resolve().parent / "fixtures"  # the release's sample files, copied
 CLASSES = [f"Class {c}{d}" for c in "ABCDEFGHIJ" for d in "xy"]  # 20 labels
 
 
@@ -131,7 +131,7 @@ def test_siglip_text_from_a_local_folder(tmp_path):
     """A (tiny, random) local SigLIP loads; the gt itself scores SS_rel 1, everything lies in [0, 1]."""
     from transformers import SiglipConfig, SiglipModel
 
-    from policy import build_tokenizer
+    from presets import build_tokenizer
     tok = build_tokenizer(1024)
     cfg = SiglipConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64),

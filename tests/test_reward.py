@@ -9,7 +9,7 @@ import time
 import pytest
 
 import reward
-from reward import batch_score, extract_answer, format_reward, normalize_label, score
+from reward import batch_score, format_reward, score, strict_answer, strict_label
 
 GT = "Laysan Albatross"
 OTHER = "Sooty Albatross"
@@ -131,16 +131,16 @@ def test_nested_answer_fails_strict_accuracy():
 # -----------------------------------------------------------------------------
 # Extraction and normalisation
 
-def test_extract_answer():
-    """extract_answer returns the stripped content of the last complete block, else None."""
-    assert extract_answer(wrap(f"  {GT}\n")) == GT
-    assert extract_answer(f"<answer>{OTHER}</answer> <answer>{GT}</answer>") == GT
-    assert extract_answer(f"<answer>{OTHER}<answer>{GT}</answer>") == GT
-    assert extract_answer("<answer></answer>") == ""
-    assert extract_answer(f"<think>{GT}</think>") is None
-    assert extract_answer(f"<answer>{GT}") is None
-    assert extract_answer(f"</answer>{GT}<answer>") is None
-    assert extract_answer(None) is None
+def test_strict_answer():
+    """strict_answer returns the stripped content of the last complete block, else None."""
+    assert strict_answer(wrap(f"  {GT}\n")) == GT
+    assert strict_answer(f"<answer>{OTHER}</answer> <answer>{GT}</answer>") == GT
+    assert strict_answer(f"<answer>{OTHER}<answer>{GT}</answer>") == GT
+    assert strict_answer("<answer></answer>") == ""
+    assert strict_answer(f"<think>{GT}</think>") is None
+    assert strict_answer(f"<answer>{GT}") is None
+    assert strict_answer(f"</answer>{GT}<answer>") is None
+    assert strict_answer(None) is None
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -156,9 +156,9 @@ def test_extract_answer():
     ("", ""),
     (None, ""),
 ])
-def test_normalize_label(raw, expected):
-    """normalize_label lowers, turns _ and dashes into spaces, drops punctuation, collapses spaces."""
-    assert normalize_label(raw) == expected
+def test_strict_label(raw, expected):
+    """strict_label lowers, turns _ and dashes into spaces, drops punctuation, collapses spaces."""
+    assert strict_label(raw) == expected
 
 
 @pytest.mark.parametrize("answer", [
