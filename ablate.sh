@@ -19,7 +19,7 @@ specs=()
 for v in tapo no_intra no_inter dapo cond_anchor reward_official; do
   for s in $SEEDS; do
     out=out/ablate/$v/seed$s
-    [ -e "$out/final" ] || python tapo.py --model out/sft_cot/final --data out/world --out "$out" --seed "$s" ${FLAGS[$v]}
+    [ -e "$out/final" ] || python tapo.py --defaults world --model out/sft_cot/final --data out/world --out "$out" --seed "$s" ${FLAGS[$v]}
     [ -e "out/ablate/eval/$v.seed$s/summary.json" ] || \
       python eval.py --model "$out/final" --data out/world --out "out/ablate/eval/$v.seed$s" --tag "$v seed $s"
     specs+=("out/ablate/eval/$v.seed$s:$v seed $s")

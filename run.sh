@@ -21,14 +21,14 @@ stage() {  # stage NAME DONE_PATH CMD...: run CMD unless DONE_PATH exists; time 
 mkdir -p out
 
 stage world      out/world/world.json    python world.py --out out/world --seed "$SEED"
-stage base       out/base/final          $RUN sft.py --model tiny --data out/world --variant pretrain --out out/base --seed "$SEED"
+stage base       out/base/final          $RUN sft.py --defaults world --variant pretrain --model tiny --data out/world --out out/base --seed "$SEED"
 # CoT SFT and its answer-only baseline, each with 30% of the pretraining corpus replayed (README, deviations:
 # without it the tiny model collapses onto its 30 memorised rationales and stops reading the image)
 stage sft_cot    out/sft_cot/final       $RUN sft.py --model out/base/final --data out/world/cot_sft.json:3,out/world/pretrain.json:0.3 \
                                            --defaults world --max-steps 300 --out out/sft_cot --seed "$SEED"
 stage sft_nocot  out/sft_nocot/final     $RUN sft.py --model out/base/final --data out/world/sft_nocot.json:3,out/world/pretrain.json:0.3 \
-                                           --defaults world --max-steps 300 --out out/sft_nocot --seed "$SEED"
-stage tapo       out/tapo/final          $RUN tapo.py --model out/sft_cot/final --data out/world --out out/tapo --seed "$SEED"
+                                           --defaults world --variant nocot --max-steps 300 --out out/sft_nocot --seed "$SEED"
+stage tapo       out/tapo/final          $RUN tapo.py --defaults world --model out/sft_cot/final --data out/world --out out/tapo --seed "$SEED"
 for m in base sft_nocot sft_cot tapo; do
   stage "eval_$m" "out/eval/$m/summary.json" $RUN eval.py --model "out/$m/final" --data out/world --out "out/eval/$m" --tag "$m"
 done

@@ -28,10 +28,9 @@ N_step is known before the first forward (all micro-batches of the step are plan
 is the same for any micro-batch size and any number of ranks (tests/test_sft.py checks both to 1e-6). System,
 user, image and padding tokens carry no loss; the assistant's closing <|im_end|> does (it ends generation).
 
-Hyper-parameters (`--defaults`, flags left unset): `release` = the released SFT script (lr 5e-6 cosine, 6 warmup
-steps, wd 0.1, global batch 64, 10 epochs, cutoff 4096, bf16); `world` = the embedded CPU benchmark, measured
-here (see WORLD_PRETRAIN / WORLD_SFT below). `auto` picks `world` when --model is a preset or one of our
-preset-born checkpoints, or the data is an embedded-world folder.
+Hyper-parameters: the argparse defaults are the released SFT script's (lr 5e-6 cosine, 6 warmup steps, wd 0.1,
+global batch 64, 10 epochs, cutoff 4096, bf16). `--defaults world` takes the embedded CPU benchmark's values
+instead (WORLD below, per --variant); it is the default only when neither --model nor --data is given.
 
 Deviations and choices:
  1. Δ13 the release froze the vision tower and projector (framework default) though the paper says "full
@@ -51,9 +50,9 @@ Deviations and choices:
  5. No weight decay on 1-D parameters (biases, norm weights), as the HF Trainer the release used.
  6. The lr of optimizer step s (0-based) is lr * f(s), f = HF's cosine-with-warmup: the first update runs at
     lr 0, as in the release's framework.
- 7. `--user-prompt`: the release trained on the Stage-1 question as is (with the R1 system prompt) and sampled
-    RL rollouts under the RL format prompt; Qwen bridges the two, the embedded world's tiny model does not, so
-    the world profile trains on the RL prompt (data.rl_prompt) and the release profile on the file's text.
+ 7. The user turn is the Stage-1 question as written, as in the release. The embedded world's SFT files
+    already ask each image under the RL, open- and closed-world prompts (world.py), since the tiny model,
+    unlike Qwen2.5-VL, follows only prompts it was trained on.
  8. Under torchrun a text-only micro-batch (pretraining knowledge texts) gets one extra unscored row with a
     blank 56x56 image, so that every rank runs the vision tower at the same point of its forward (FSDP2's
     all-gathers must come in the same order on all ranks; see encode_micro_batch).
@@ -62,7 +61,6 @@ rank-0 broadcast would lower host memory). Images are decoded in the training lo
 """
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import random
@@ -74,76 +72,75 @@ from PIL import Image
 from tqdm import tqdm
 
 import distributed
-from data import DataError, chat_messages, encode_prompts, encode_responses, join_prompt_response, \
-    length_grouped_batches, load_image, load_stage1, rl_prompt, SYSTEM_PROMPT_R1
-from policy import PRESETS, load_optimizer_state, load_policy, load_trainer_state, newest_checkpoint, \
-    optimizer_state, rng_state, save_checkpoint, set_rng_state, token_logprobs
+import training
+from data import SYSTEM_PROMPT_R1, DataError, chat_messages, encode_prompts, encode_responses, join_prompt_response, \
+    length_grouped_batches, load_image, load_stage1, parse_data_spec
+from policy import load_policy, newest_checkpoint, token_logprobs
 
-WORLD_DIR = Path("out/world")
+EMBEDDED_DATA = Path("out/world")  # the embedded world (python world.py --out out/world)
 WORLD_FILES = {"cot": "cot_sft.json", "nocot": "sft_nocot.json", "pretrain": "pretrain.json"}
 RUNS = {"pretrain": Path("out/base"), "cot": Path("out/sft_cot"), "nocot": Path("out/sft_nocot")}
 
-# Profiles for flags left unset. RELEASE: the released SFT script (REFERENCE.md section 3).
-RELEASE = dict(lr=5e-6, warmup_steps=6, epochs=10, batch_size=64, micro_batch=4, max_length=4096, user_prompt="file")
-# Embedded world, tiny preset, measured on this 2-core machine (shared, 1 thread). From scratch on pretrain.json
-# (2,592 samples) the tiny model needs a high lr; batch 16 beat batch 32 at equal epochs (last-epoch loss 0.15
-# vs 0.17; held-out captions 14/60 vs 9/60 exact), 6 epochs = 972 steps, about 3 minutes. CoT SFT of that base
-# on the 30 rationales: 80 epochs = 320 steps (~40 s) gave 75% well-formed outputs on held-out seen images
-# (40 epochs: 46%) under the prompt it was trained on, but 0-37% under other prompts: the tiny model follows
-# only prompts it was trained on. So the world's SFT files ask each image under the RL, open and closed
-# prompts (90 samples), used as written; 27 epochs keep the same ~300 steps.
-WORLD_PRETRAIN = dict(lr=1e-3, warmup_steps=50, epochs=8, batch_size=16, micro_batch=8, max_length=512,
-                      user_prompt="file")
-WORLD_SFT = dict(lr=1e-3, warmup_steps=10, epochs=27, batch_size=8, micro_batch=8, max_length=512, user_prompt="file")
+# The embedded world's values (--defaults world), per --variant, measured on a 2-core CPU with the tiny preset.
+# pretrain (from scratch on pretrain.json): lr 1e-3 (at 3e-3 held-out captions were 24/96 exact, at 1e-3 69/96),
+# batch 16 (beat 32 at equal epochs). cot / nocot: about 300 steps on the 90 SFT samples (each seen image asked
+# under the RL, open and closed prompts: the tiny model follows only prompts it was trained on).
+WORLD = {
+    "pretrain": dict(lr=1e-3, warmup_steps=50, epochs=8, batch_size=16, micro_batch=8, max_length=512),
+    "cot": dict(lr=1e-3, warmup_steps=10, epochs=27, batch_size=8, micro_batch=8, max_length=512),
+    "nocot": dict(lr=1e-3, warmup_steps=10, epochs=27, batch_size=8, micro_batch=8, max_length=512),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configuration
+# Configuration: the argparse defaults are the released SFT script's values (REFERENCE.md section 3)
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model and data
-    ap.add_argument("--model", default=None, help="HF folder or preset (tiny/small); default: the tiny preset "
-                    "for --variant pretrain, else the newest checkpoint in out/base (the world's base model)")
+    ap.add_argument("--model", default=None, help="HF folder or preset (tiny/small) to start from; default: the tiny "
+                    f"preset for --variant pretrain, else the newest checkpoint in {RUNS['pretrain']} (the world's "
+                    "base model)")
     ap.add_argument("--data", default=None, help="comma-separated sources PATH[:WEIGHT], each a Stage-1 JSON or an "
-                    f"embedded-world folder (see --variant); default {WORLD_DIR}")
-    ap.add_argument("--variant", choices=list(WORLD_FILES), default="cot", help="file of a world folder in --data: "
-                    "cot = cot_sft.json (Stage 1), nocot = sft_nocot.json (ablation), pretrain = pretrain.json")
+                    f"embedded-world folder (its file for --variant); default {EMBEDDED_DATA}")
+    ap.add_argument("--variant", choices=list(WORLD_FILES), default="cot", help="which training of the embedded "
+                    "world: cot = Stage 1 on cot_sft.json, nocot = the answer-only ablation on sft_nocot.json, "
+                    "pretrain = the base model on pretrain.json; picks the file of a world folder, the default "
+                    "--out and --model, and the world values of --defaults world")
     ap.add_argument("--image-root", default=None, help="folder that relative image paths start from "
                     "(default: each data file's folder)")
-    ap.add_argument("--user-prompt", choices=["file", "rl"], default=None, help="user turn: file = the Stage-1 "
-                    "text as is (release); rl = the RL format prompt around it (data.rl_prompt: question + the "
-                    "release's <think>/<answer> instruction), the conversation TAPO samples from (world default)")
     ap.add_argument("--system-prompt", choices=["default", "r1"], default="default",
                     help="default = no system message, as RL and eval (Δ14); r1 = the release's SFT system prompt")
-    ap.add_argument("--max-length", type=int, default=None, help="tokens per sample (prompt + response); longer "
-                    "responses are truncated (release cutoff: 4096; world: 512)")
     ap.add_argument("--out", default=None, help="run folder: step_N/ and final/ checkpoints, metrics.jsonl "
                     "(default: out/base, out/sft_cot or out/sft_nocot after --variant)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the data order (and the preset's init)")
-    ap.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'auto' (newest in --out)")
-    ap.add_argument("--defaults", "--preset-defaults", dest="defaults", choices=["auto", "release", "world"],
-                    default="auto", help="profile for flags left unset: release (released SFT script) or world "
-                    "(embedded CPU benchmark: pretrain values from a preset, SFT values otherwise); auto = world "
-                    "for presets, our checkpoints and world folders")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data order (and of a preset's init)")
+    ap.add_argument("--resume", nargs="?", const=training.RESUME_NEWEST, default=None,
+                    help="--resume alone: continue from the newest checkpoint in --out (fresh start if there is "
+                    "none); --resume DIR: from that checkpoint folder")
+    ap.add_argument("--defaults", choices=["release", "world"], default=None,
+                    help="values of the flags marked 'world:' below: release = the released SFT script (the "
+                    "defaults shown); world = the embedded CPU benchmark (WORLD[--variant] at the top of sft.py). "
+                    "Default: world when neither --model nor --data is given (the embedded default), else release")
     # Optimisation
-    ap.add_argument("--lr", type=float, default=None, help="peak AdamW lr (release: 5e-6; world: 3e-3 from "
-                    "scratch, 1e-3 SFT)")
-    ap.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps before the cosine decay "
-                    "(release: 6; world: 50 / 10)")
+    ap.add_argument("--lr", type=float, default=5e-6, help="peak AdamW lr (release: 5e-6; world: 1e-3)")
+    ap.add_argument("--warmup-steps", type=int, default=6, help="linear warmup steps before the cosine decay "
+                    "(release: 6; world: 50 pretrain, 10 SFT)")
     ap.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on >=2-D weights (release: 0.1)")
     ap.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas (release: HF default)")
     ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (release: 1.0)")
-    ap.add_argument("--epochs", type=float, default=None, help="passes over the data (release: 10; world: 6 / 80)")
+    ap.add_argument("--epochs", type=float, default=10, help="passes over the data (release: 10; world: 8 pretrain, "
+                    "27 SFT)")
     ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs (and sets "
                     "the cosine schedule's length)")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes: save "
                     "final/ with the full resume state")
     # Batching
-    ap.add_argument("--batch-size", type=int, default=None, help="samples per optimizer step, all ranks and "
-                    "micro-batches together (release: 64 = 4 GPUs x 4 x accumulation 4; world: 16 / 8)")
-    ap.add_argument("--micro-batch", type=int, default=None, help="samples per forward pass per rank; gradient "
+    ap.add_argument("--batch-size", type=int, default=64, help="samples per optimizer step, all ranks and "
+                    "micro-batches together (release: 64 = 4 GPUs x 4 x accumulation 4; world: 16 pretrain, 8 SFT)")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass per rank; gradient "
                     "accumulation covers the rest of the batch; at most --batch-size (release: 4; world: 8)")
+    ap.add_argument("--max-length", type=int, default=4096, help="tokens per sample (prompt + response); longer "
+                    "responses are truncated (release cutoff: 4096; world: 512)")
     ap.add_argument("--length-grouping", choices=["micro", "global", "none"], default="micro",
                     help="micro: random global batches, each sorted by length into micro-batches (less padding, "
                     "same steps as none); global: also group whole batches by length (HF group_by_length; "
@@ -157,13 +154,16 @@ def get_args(argv=None):
     ap.add_argument("--no-bf16", action="store_true", help="fp32 compute on CUDA (default: bf16 autocast, fp32 "
                     "master weights; CPU always runs fp32)")
     ap.add_argument("--save-every", type=int, default=0, help="checkpoint step_N/ every N steps (0: final/ only)")
+    pre, _ = ap.parse_known_args(argv)
+    profile = pre.defaults or ("world" if pre.model is None and pre.data is None else "release")
+    if profile == "world":
+        ap.set_defaults(**WORLD[pre.variant])
     args = ap.parse_args(argv)
+    args.defaults = profile
 
     # ---- derived settings
-    if args.data is None:
-        args.data = str(WORLD_DIR)
-    if args.out is None:
-        args.out = str(RUNS[args.variant])
+    args.data = args.data or str(EMBEDDED_DATA)
+    args.out = args.out or str(RUNS[args.variant])
     if args.model is None:
         base = newest_checkpoint(RUNS["pretrain"])
         args.model = "tiny" if args.variant == "pretrain" else str(base) if base else None
@@ -171,67 +171,38 @@ def get_args(argv=None):
             ap.error(f"no --model and no base checkpoint in {RUNS['pretrain']}: run `python sft.py --variant "
                      "pretrain` first, or pass --model")
     try:
-        sources = parse_sources(args.data, args.variant)
+        parse_sources(args.data, args.variant)
     except DataError as e:
         ap.error(str(e))
-    world = args.defaults == "world" or (args.defaults == "auto" and (
-        args.model in PRESETS or _is_preset_checkpoint(args.model) or any(_world_folder(p) for p, _ in sources)))
-    args.profile = ("world-pretrain" if args.model in PRESETS else "world-sft") if world else "release"
-    prof = {"release": RELEASE, "world-pretrain": WORLD_PRETRAIN, "world-sft": WORLD_SFT}[args.profile]
-    for k, v in prof.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    assert args.batch_size >= 1 and args.micro_batch >= 1, "--batch-size and --micro-batch must be >= 1"
+    if args.batch_size < 1 or args.micro_batch < 1:
+        ap.error("--batch-size and --micro-batch must be >= 1")
     args.micro_batch = min(args.micro_batch, args.batch_size)
     return args
-
-
-def _is_preset_checkpoint(path):
-    f = Path(str(path)) / "config.json"
-    return f.exists() and "preset" in json.loads(f.read_text())
-
-
-def _world_folder(path):
-    return (Path(path).parent / "world.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data: a mixture of Stage-1 sources -> token lengths -> batches
 
 def parse_sources(spec, variant="cot"):
-    """[(path, weight)] from "PATH[:WEIGHT],..."; a world folder means its file for `variant`."""
+    """[(path, weight)] from --data (data.parse_data_spec); a world folder means its file for `variant`."""
     out = []
-    for part in filter(None, (s.strip() for s in spec.split(","))):
-        path, weight = part, 1.0
-        head, _, tail = part.rpartition(":")
-        if head:
-            try:
-                path, weight = head, float(tail)
-            except ValueError:
-                pass
-        if weight <= 0:
-            raise DataError(f"--data {part}: weight must be > 0")
+    for path, weight in parse_data_spec(spec):
         if Path(path).is_dir():
             if not (Path(path) / "world.json").exists():
                 raise DataError(f"--data {path}: a folder must be an embedded world (world.json); give a JSON file")
             path = str(Path(path) / WORLD_FILES[variant])
         out.append((path, weight))
-    if not out:
-        raise DataError(f"--data {spec!r}: no source")
     return out
 
 
-def load_mixture(spec, variant="cot", image_root=None, seed=0, user_prompt="file"):
-    """The run's samples: each source's Stage-1 records, repeated / subsampled after its weight; with
-    user_prompt "rl" each image sample's question is wrapped in the RL format prompt (data.rl_prompt)."""
+def load_mixture(spec, variant="cot", image_root=None, seed=0):
+    """The run's samples: each source's Stage-1 records, repeated / subsampled after its weight."""
     rng = random.Random(f"{seed}/mixture")
     samples = []
     for path, weight in parse_sources(spec, variant):
         recs = load_stage1(path, image_root)  # DataError naming the file and record index
         whole, frac = int(weight), weight - int(weight)
         samples += recs * whole + rng.sample(recs, round(frac * len(recs)))
-    if user_prompt == "rl":
-        samples = [dataclasses.replace(s, question=rl_prompt(s.question)) if s.image else s for s in samples]
     return samples
 
 
@@ -380,25 +351,6 @@ def forward_backward(model, micro_batches, n_step, world, autocast=contextlib.nu
     return nll_sum
 
 
-def clip_grad_norm(params, max_norm):
-    """Global gradient norm (DTensor-aware for FSDP2, as torchtitan) and clip to max_norm if max_norm > 0."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if hasattr(total, "full_tensor"):
-        total = total.full_tensor()  # collective: sums the squared shard norms of every rank
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total, foreach=True)
-    return float(total)
-
-
-def build_optimizer(model, args):
-    """AdamW; no weight decay on 1-D parameters (biases, norm weights), as the HF Trainer."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=1e-8)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Training
 
@@ -408,16 +360,16 @@ def main(argv=None):
     distributed.seed_everything(args.seed, dist.rank)
     out = Path(args.out)
     system = SYSTEM_PROMPT_R1 if args.system_prompt == "r1" else None
-    resume = newest_checkpoint(out) if args.resume == "auto" else args.resume
-    if args.resume == "auto" and resume is None:
-        dist.print(f"--resume auto: no checkpoint in {out}, starting fresh")
 
-    # ---- model and data
+    # ---- model, data, optimizer, resume state
+    resume = training.resume_path(args.resume, out)
+    if args.resume and resume is None:
+        dist.print(f"--resume: no checkpoint in {out} yet, starting fresh")
     if resume is None and args.model is None:
         raise SystemExit(f"sft.py: nothing to start from: no --model and no checkpoint in {out}")
     model, processor = load_policy(resume or args.model, seed=args.seed)
     try:
-        samples = load_mixture(args.data, args.variant, args.image_root, args.seed, args.user_prompt)
+        samples = load_mixture(args.data, args.variant, args.image_root, args.seed)
         prompt_lens, resp_ids, truncated = tokenize(samples, processor, system, args.max_length)
     except DataError as e:
         raise SystemExit(f"sft.py: bad data: {e}")
@@ -425,10 +377,7 @@ def main(argv=None):
     if args.freeze_vision:  # Δ13: the vision tower and its merger (the projector) stay as loaded
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
-    if args.grad_checkpointing:
-        distributed.set_gradient_checkpointing(model, True)
-    parallel = args.parallel or ("fsdp" if dist.device.type == "cuda" else "ddp")
-    model = distributed.wrap(model, parallel if dist.world > 1 else "none", dist)
+    model, parallel = training.wrap_for_training(model, args.parallel, args.grad_checkpointing, dist)
     model.train()
     bf16 = dist.device.type == "cuda" and not args.no_bf16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
@@ -436,35 +385,27 @@ def main(argv=None):
     group_batches, group_micro = args.length_grouping == "global", args.length_grouping != "none"
     steps_per_epoch = len(epoch_batches(keys, args.batch_size, args.seed, 0, group_batches))
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
-    optimizer = build_optimizer(model, args)
-    start, tokens_seen, elapsed0 = 0, 0, 0.0
+    optimizer = training.build_optimizer(model, args.lr, args.weight_decay, args.betas, decay_1d=False)  # HF Trainer
+    state = training.restore(resume, model, optimizer, dist) or dict(step=0, tokens_seen=0, elapsed=0.0)
+    start, tokens_seen, elapsed0 = state["step"], state["tokens_seen"], state["elapsed"]
     if resume:
-        ts = load_trainer_state(resume)
-        st = ts["state"]
-        load_optimizer_state(model, optimizer, ts["optimizer"])
-        start, tokens_seen, elapsed0 = st["step"], st["tokens_seen"], st["elapsed"]
-        changed = {k: (v, getattr(args, k, None)) for k, v in st["args"].items()
-                   if k not in ("resume", "max_steps", "max_minutes", "model", "save_every", "out") and getattr(args, k, None) != v}
+        changed = training.changed_settings(state.get("args", {}), args)
         if changed:
             dist.print(f"warning: resuming with changed settings {changed} (saved, now)")
-        rngs = st["rng"]
-        set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    dist.print(json.dumps({**vars(args), "parallel": parallel if dist.world > 1 else "none", "world": dist.world,
+    dist.print(json.dumps({**vars(args), "parallel": parallel, "world": dist.world,
                            "samples": len(samples), "truncated": truncated, "steps_per_epoch": steps_per_epoch,
                            "total_steps": total, "params": n_params, "trainable": n_train, "bf16": bf16,
                            "resumed_from": str(resume) if resume else None, "start_step": start}, indent=1))
     if dist.master:
         out.mkdir(parents=True, exist_ok=True)
 
-    def save(name, step):
-        state = {"step": step, "epoch": step // steps_per_epoch, "batch_index": step % steps_per_epoch,
-                 "order_seed": args.seed, "args": vars(args), "tokens_seen": tokens_seen,
-                 "elapsed": elapsed0 + time.time() - t_start,
-                 "rng": distributed.all_gather_objects(rng_state())}  # collective: every rank's RNG streams
-        save_checkpoint(out / name, model, processor, state=state, rank=dist.rank,
-                        optimizer_state=optimizer_state(model, optimizer))  # collective under FSDP2
+    def save(name, step):  # collective: every rank takes part (RNG streams, FSDP2 shards)
+        run_state = {"step": step, "epoch": step // steps_per_epoch, "batch_index": step % steps_per_epoch,
+                     "order_seed": args.seed, "args": vars(args), "tokens_seen": tokens_seen,
+                     "elapsed": elapsed0 + time.time() - t_start}
+        training.save(out / name, model, processor, optimizer, run_state, dist)
 
     # ---- loop
     t_start = time.time()
@@ -494,7 +435,7 @@ def main(argv=None):
         nll = forward_backward(model, mine, n_step, dist.world, autocast)
 
         # ---- step
-        gnorm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        gnorm = training.clip_grad_norm(model, args.grad_clip)
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.step()

@@ -35,117 +35,110 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import distributed
-from data import encode_prompts, join_prompt_response, load_stage2, load_triplet, rl_prompt, SYSTEM_PROMPT_R1
-from policy import (load_optimizer_state, load_policy, load_trainer_state, newest_checkpoint, optimizer_state,
-                    save_checkpoint, token_logprobs, vision_token_ids)
+import training
+from data import SYSTEM_PROMPT_R1, RowStream, encode_prompts, join_prompt_response, load_stage2, load_triplet, \
+    rl_prompt, stack_prompts
+from policy import load_policy, newest_checkpoint, token_logprobs, vision_token_ids
 from reward import score
 from rollout import decode, generate
 
-WORLD_DIR = Path("out/world")
-SFT_RUN = Path("out/sft_cot")
+EMBEDDED_DATA = Path("out/world")   # the embedded world (python world.py --out out/world)
+EMBEDDED_SFT = Path("out/sft_cot")  # the main job's CoT-SFT run: the default policy to start from
+# The embedded world's values (--defaults world), measured on a 2-core CPU with the tiny preset. The tiny policy
+# needs a far larger lr than a 3B model (at 2e-5 no ratio left the clip range in 15 steps).
+WORLD = dict(max_new_tokens=160, rollout_batch=16, update_batch=8, micro_batch=16, max_steps=20, lr=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configuration
+# Configuration: the argparse defaults are the released 3B script's values (REFERENCE.md section 3)
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = ap.add_argument
     # Model and data
-    ap.add_argument("--model", default=None, help="HF folder or preset (tiny/small); default: newest checkpoint "
-                    f"in {SFT_RUN} (the main job's CoT-SFT stage)")
-    ap.add_argument("--data", default=None, help="Stage-2 JSONL (images, problem, answer, image_noisy, image_aug) "
-                    f"or an embedded-world folder (uses its rl_train.jsonl); default {WORLD_DIR}")
-    ap.add_argument("--image-root", default=None, help="folder that relative image paths start from "
-                    "(default: the data file's folder)")
-    ap.add_argument("--out", default="out/tapo", help="run folder: checkpoints, metrics.jsonl, samples.txt")
-    ap.add_argument("--seed", type=int, default=0, help="seed for data order and rollout generators")
-    ap.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'auto' (newest in --out)")
-    ap.add_argument("--defaults", choices=["auto", "release", "world"], default="auto",
-                    help="hyper-parameter profile for flags left unset: release (released 3B script) or world "
-                    "(the embedded CPU benchmark); auto = world for presets / our world folder")
+    add("--model", help=f"HF folder or preset (tiny/small); default: newest checkpoint in {EMBEDDED_SFT} (main job's SFT)")
+    add("--data", help="Stage-2 JSONL (images, problem, answer, image_noisy, image_aug) or a folder holding "
+        f"rl_train.jsonl (an embedded world); default {EMBEDDED_DATA}")
+    add("--image-root", help="folder that relative image paths start from (default: the data file's folder)")
+    add("--out", default="out/tapo", help="run folder: step_N/ and final/ checkpoints, metrics.jsonl, samples.txt")
+    add("--seed", type=int, default=0, help="seed of the prompt order and the rollout generators")
+    add("--resume", nargs="?", const=training.RESUME_NEWEST, help="alone: continue from the newest checkpoint in "
+        "--out (fresh start if none); --resume DIR: from that checkpoint")
+    add("--defaults", choices=["release", "world"], help="values of the flags marked 'world:': release = the "
+        "released 3B script (the defaults shown); world = the embedded CPU benchmark (WORLD above). Default: world "
+        "when neither --model nor --data is given, else release")
     # Rollouts (intra-class augmentation)
-    ap.add_argument("--n1", type=int, default=5, help="rollouts on the anchor image per group (paper: 5)")
-    ap.add_argument("--n2", type=int, default=5, help="rollouts on the positive image per group (paper: 5)")
-    ap.add_argument("--no-intra", action="store_true", help="ablation 10:0: all n1+n2 rollouts on the anchor")
-    ap.add_argument("--intra-condition", choices=["positive", "anchor"], default="positive",
-                    help="image that scores positive rollouts in the update (Δ1): positive = release, anchor = paper")
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (release: 1.0)")
-    ap.add_argument("--top-p", type=float, default=0.99, help="nucleus sampling (release: 0.99)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="response length cap (release: 2048, Δ9; world: 160)")
-    # Batches and dynamic sampling
-    ap.add_argument("--rollout-batch", type=int, default=None, help="groups per RL step, global (release 3B: 384; world: 16)")
-    ap.add_argument("--update-batch", type=int, default=None, help="groups per optimizer step, global (release 3B: 128; world: 8)")
-    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass per rank (release: 4; world: 16)")
-    ap.add_argument("--max-retries", type=int, default=20, help="extra prompt draws to refill filtered groups (paper: 20)")
-    ap.add_argument("--max-steps", type=int, default=None, help="RL steps (release: 10 epochs over the data; world: 20)")
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop cleanly (and save) after this many minutes")
+    add("--n1", type=int, default=5, help="rollouts on the anchor image per group (paper: 5)")
+    add("--n2", type=int, default=5, help="rollouts on the positive image per group (paper: 5)")
+    add("--no-intra", action="store_true", help="ablation 10:0: all n1 + n2 rollouts on the anchor")
+    add("--intra-condition", choices=["positive", "anchor"], default="positive",
+        help="image that scores positive rollouts in the update (Δ1): positive = release, anchor = paper")
+    add("--temperature", type=float, default=1.0, help="sampling temperature (release: 1.0)")
+    add("--top-p", type=float, default=0.99, help="nucleus sampling (release: 0.99)")
+    add("--max-new-tokens", type=int, default=2048, help="response cap (release: 2048 applied, Δ9; world: 160)")
+    # Batches, in groups (a prompt's n1 + n2 rollouts), all ranks together; dynamic sampling
+    add("--rollout-batch", type=int, default=384, help="groups per RL step (release 3B: 384, 7B: 192; world: 16)")
+    add("--update-batch", type=int, default=128, help="groups per optimizer step (release 3B: 128, 7B: 64; world: 8)")
+    add("--micro-batch", type=int, default=4, help="sequences per forward pass per rank (release: 4; world: 16)")
+    add("--max-retries", type=int, default=20, help="extra prompt draws to refill filtered groups (paper: 20, Δ7)")
+    add("--max-steps", type=int, help="RL steps (default: 10 epochs of the data, release 3B; world: 20)")
+    add("--max-minutes", type=float, help="stop cleanly (and save) after this many minutes")
     # Objective (Eq. 1-4)
-    ap.add_argument("--eps-low", type=float, default=0.2, help="lower clip (DAPO: 0.2)")
-    ap.add_argument("--eps-high", type=float, default=0.28, help="upper clip, clip-higher (DAPO: 0.28)")
-    ap.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip bound C for negative advantages (release: 3.0; 0 = off)")
-    ap.add_argument("--gamma", type=float, default=0.01, help="weight of the inter-class KL, maximised (paper: 0.01)")
-    ap.add_argument("--eta1", type=float, default=0.03, help="weight of mean(-log pi) on the rollout image (paper: 0.03)")
-    ap.add_argument("--eta2", type=float, default=0.03, help="weight of mean(-log pi_neg), no gradient (paper: 0.03)")
-    ap.add_argument("--no-inter", action="store_true", help="ablation: gamma = eta2 = 0 and no negative-image forward")
-    ap.add_argument("--kl-ref", type=float, default=0.0, help="reference-model KL weight (paper/release: none, Δ5)")
-    ap.add_argument("--reward", choices=["strict", "official"], default="strict", help="accuracy check (Δ10)")
-    ap.add_argument("--acc-weight", type=float, default=0.9, help="reward weight of accuracy (release: 0.9)")
-    ap.add_argument("--fmt-weight", type=float, default=0.1, help="reward weight of the format (release: 0.1)")
+    add("--eps-low", type=float, default=0.2, help="lower clip (DAPO: 0.2)")
+    add("--eps-high", type=float, default=0.28, help="upper clip, clip-higher (DAPO: 0.28)")
+    add("--dual-clip", type=float, default=3.0, help="dual-clip C for negative advantages (release: 3.0; 0 = off)")
+    add("--gamma", type=float, default=0.01, help="weight of the inter-class KL, maximised (paper: 0.01)")
+    add("--eta1", type=float, default=0.03, help="weight of mean(-log pi) on the rollout image (paper: 0.03)")
+    add("--eta2", type=float, default=0.03, help="weight of mean(-log pi_neg), no gradient (paper: 0.03)")
+    add("--no-inter", action="store_true", help="ablation: gamma = eta2 = 0 and no negative-image forward")
+    add("--kl-ref", type=float, default=0.0, help="weight beta of a k3 KL to the initial policy (release: none, Δ5)")
+    add("--reward", choices=["strict", "official"], default="strict", help="accuracy check (Δ10)")
+    add("--acc-weight", type=float, default=0.9, help="reward weight of accuracy (release: 0.9)")
+    add("--fmt-weight", type=float, default=0.1, help="reward weight of the format (release: 0.1)")
     # Optimisation
-    ap.add_argument("--lr", type=float, default=None, help="AdamW constant lr (release: 1e-6; world: 1e-4)")
-    ap.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (release: 1e-2)")
-    ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (release: 1.0)")
+    add("--lr", type=float, default=1e-6, help="AdamW constant lr (release: 1e-6; world: 1e-4)")
+    add("--weight-decay", type=float, default=1e-2, help="AdamW weight decay, every parameter (release: 1e-2)")
+    add("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (release: 1.0)")
     # System
-    ap.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
-                    help="data parallelism under torchrun (default: fsdp on CUDA, ddp on CPU)")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    ap.add_argument("--system-prompt", choices=["default", "r1"], default="default",
-                    help="default = no system message (release RL); r1 = the release's SFT system prompt (Δ14)")
-    ap.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: end only + 50)")
-    ap.add_argument("--sample-every", type=int, default=5, help="write a few decoded rollouts every N steps")
+    add("--parallel", choices=["none", "ddp", "fsdp"], help="data parallelism (default: fsdp on CUDA, ddp on CPU)")
+    add("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    add("--system-prompt", choices=["default", "r1"], default="default",
+        help="default = no system message (release RL); r1 = the release's SFT system prompt (Δ14)")
+    add("--save-every", type=int, default=0, help="checkpoint step_N/ every N steps (0: final/ only)")
+    add("--sample-every", type=int, default=5, help="write a few decoded rollouts every N steps")
+    pre, _ = ap.parse_known_args(argv)
+    profile = pre.defaults or ("world" if pre.model is None and pre.data is None else "release")
+    if profile == "world":
+        ap.set_defaults(**WORLD)
     args = ap.parse_args(argv)
+    args.defaults = profile
 
-    # ---- derived settings, per profile
-    if args.data is None:
-        args.data = str(WORLD_DIR)
-    if Path(args.data).is_dir():
-        args.data = str(Path(args.data) / "rl_train.jsonl")
+    # ---- derived settings
+    data = Path(args.data or EMBEDDED_DATA)
+    args.data = str(data / "rl_train.jsonl" if data.is_dir() else data)
     if args.model is None and args.resume is None:
-        ck = newest_checkpoint(SFT_RUN)
+        ck = newest_checkpoint(EMBEDDED_SFT)
         if ck is None:
-            ap.error(f"no --model and no CoT-SFT checkpoint in {SFT_RUN}: run `bash run.sh` (or `python world.py "
-                     f"--out {WORLD_DIR}` and the sft.py stages it lists) first, or pass --model")
+            ap.error(f"no --model and no CoT-SFT checkpoint in {EMBEDDED_SFT}: run `bash run.sh` first, or pass --model")
         args.model = str(ck)
-    world_profile = args.defaults == "world" or (args.defaults == "auto" and (
-        args.model in ("tiny", "small") or _is_preset_checkpoint(args.model) or Path(args.data).parent == WORLD_DIR))
-    # world: the tiny policy needs a larger lr than a 3B model (at 2e-5 no ratio left the clip range in 15 steps)
-    prof = dict(max_new_tokens=160, rollout_batch=16, update_batch=8, max_steps=20, lr=1e-4, micro_batch=16) \
-        if world_profile else dict(max_new_tokens=2048, rollout_batch=384, update_batch=128, max_steps=None, lr=1e-6,
-                                   micro_batch=4)
-    for k, v in prof.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.profile = "world" if world_profile else "release"
     if args.no_intra:  # the 10:0 ablation keeps the group size
         args.n1, args.n2 = args.n1 + args.n2, 0
     if args.no_inter:
         args.gamma, args.eta2 = 0.0, 0.0
-    assert args.n1 + args.n2 >= 2, "a group needs at least 2 rollouts for a standard deviation"
-    assert args.n1 >= 1, "n1 (rollouts on the anchor) must be >= 1"
-    assert args.update_batch <= args.rollout_batch and args.rollout_batch % args.update_batch == 0, \
-        f"--rollout-batch {args.rollout_batch} must be a multiple of --update-batch {args.update_batch}"
+    if args.n1 + args.n2 < 2:
+        ap.error("a group needs at least 2 rollouts (n1 + n2) for a standard deviation")
+    if args.n1 < 1:
+        ap.error("n1 (rollouts on the anchor) must be >= 1")
+    if not (args.update_batch <= args.rollout_batch and args.rollout_batch % args.update_batch == 0):
+        ap.error(f"--rollout-batch {args.rollout_batch} must be a multiple of --update-batch {args.update_batch}")
     return args
-
-
-def _is_preset_checkpoint(path):
-    f = Path(str(path)) / "config.json"
-    return f.exists() and "preset" in json.loads(f.read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,15 +173,18 @@ def clipped_surrogate(lp, old, adv, eps_low=0.2, eps_high=0.28, dual_clip=3.0):
     return loss, clipped, dual
 
 
-def inter_class_kl(lp, neg):
-    """Eq. 3 as released: k3 estimate of KL(pi_theta || pi_neg) per token, clamped.
-
-    d = clamp(neg - lp, -20, 20); k = clamp(exp(d) - d - 1, -10, 10). Returns (k, clamped bool).
-    It is SUBTRACTED from the loss with weight gamma (the policy maximises it).
-    """
-    d = torch.clamp(neg - lp, -20.0, 20.0)
+def k3(lp, other):
+    """The k3 ("low-variance") estimate of KL(pi || pi_other) per token of a sample drawn from pi, as released:
+    d = clamp(other - lp, -20, 20); k = clamp(e^d - d - 1, -10, 10). Returns (k, clamped bool)."""
+    d = torch.clamp(other - lp, -20.0, 20.0)
     k = torch.exp(d) - d - 1
     return torch.clamp(k, -10.0, 10.0), (k > 10.0) | (k < -10.0)
+
+
+def inter_class_kl(lp, neg):
+    """Eq. 3 as released: k3(lp, neg), the token-level KL(pi_theta || pi_neg) to the negative image (Δ2).
+    It is SUBTRACTED from the loss with weight gamma (the policy maximises it). Returns (k, clamped)."""
+    return k3(lp, neg)
 
 
 def entropy_terms(lp, neg, eta1, eta2):
@@ -196,112 +192,180 @@ def entropy_terms(lp, neg, eta1, eta2):
     return eta1 * (-lp) + eta2 * (-neg.detach())
 
 
-def tapo_token_loss(lp, old, neg, adv, cfg, ref=None):
-    """All terms per token: L = l_clip - gamma * k_neg + eta1 (-lp) + eta2 (-neg) [+ beta * k_ref]."""
-    pg, clipped, dual = clipped_surrogate(lp, old, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+def tapo_token_loss(lp, old, neg, adv, ref=None, *, eps_low, eps_high, dual_clip, gamma, eta1, eta2, beta=0.0):
+    """All terms per token: L = l_clip - gamma * k_neg + eta1 (-lp) + eta2 (-neg) [+ beta * k_ref].
+
+    neg None (--no-inter): no inter-class or eta2 term. ref None or beta 0: no reference KL (Δ5).
+    Returns (loss (..), parts dict of per-token tensors for the log)."""
+    pg, clipped, dual = clipped_surrogate(lp, old, adv, eps_low, eps_high, dual_clip)
     loss = pg
     k = clamped = None
     if neg is not None:
         k, clamped = inter_class_kl(lp, neg)
-        loss = loss - cfg.gamma * k + entropy_terms(lp, neg, cfg.eta1, cfg.eta2)
+        loss = loss - gamma * k + entropy_terms(lp, neg, eta1, eta2)
     else:
-        loss = loss + cfg.eta1 * (-lp)
-    if ref is not None and cfg.kl_ref > 0:
-        d = torch.clamp(ref - lp, -20.0, 20.0)
-        loss = loss + cfg.kl_ref * torch.clamp(torch.exp(d) - d - 1, -10.0, 10.0)
+        loss = loss + eta1 * (-lp)
+    if ref is not None and beta > 0:
+        loss = loss + beta * k3(lp, ref)[0]
     return loss, dict(pg=pg, clipped=clipped, dual=dual, k=k, k_clamped=clamped)
 
 
+def loss_coefficients(args):
+    """The objective's coefficients from the parsed flags (tapo_token_loss keyword arguments)."""
+    return dict(eps_low=args.eps_low, eps_high=args.eps_high, dual_clip=args.dual_clip, gamma=args.gamma,
+                eta1=args.eta1, eta2=args.eta2, beta=args.kl_ref)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Batches of rollouts
+# Rollouts. Batch levels, named alike everywhere: an RL step draws --rollout-batch groups (all ranks); a
+# mini-batch of --update-batch groups makes one optimizer step; a micro-batch of --micro-batch sequences is
+# one forward pass on one rank. Every sampled response is a Sample carrying all its update needs.
 
-class Prompts:
-    """An endless, resumable stream of this rank's Stage-2 rows: epoch e uses permutation(seed, e), rank r
-    takes every world-th row from r (sharding by stride)."""
+@dataclass
+class Group:
+    """One Stage-2 row: its prompt encoded ONCE per image (anchor, positive, negative) and its rollouts."""
+    row: object
+    prompts: dict                 # side -> single-row encode_prompts output ("anchor", "positive", "negative")
+    samples: list = field(default_factory=list)
 
-    def __init__(self, rows, seed, rank, world):
-        self.rows, self.seed, self.rank, self.world = rows, seed, rank, world
-        self.epoch, self.cursor = 0, 0
-        self._order = None
-
-    def _epoch_order(self):
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        perm = torch.randperm(len(self.rows), generator=g).tolist()
-        return perm[self.rank::self.world]
-
-    def take(self, k):
-        out = []
-        while len(out) < k:
-            if self._order is None:
-                self._order = self._epoch_order()
-            if self.cursor >= len(self._order):
-                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-                continue
-            out.append(self.rows[self._order[self.cursor]])
-            self.cursor += 1
-        return out
-
-    def state(self):
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load(self, s):
-        self.epoch, self.cursor, self._order = s["epoch"], s["cursor"], None
+    def accuracy(self):
+        return sum(s.accuracy for s in self.samples) / len(self.samples)
 
 
-def rollout_groups(model, processor, rows, args, system, seed_base):
-    """Phase 2: n1 samples on each anchor and n2 on its positive; returns one dict per group."""
+@dataclass
+class Sample:
+    """One rollout and everything the update needs: log-probs (L,) under the sampler, the old policy on its
+    update image, the old policy on the negative image and the reference policy; advantage; weight (0 for the
+    lockstep filler)."""
+    group: Group
+    side: str                     # "anchor" | "positive": the image it was sampled from
+    ids: list                     # response token ids (incl. the stop token if it stopped)
+    text: str
+    finish: str                   # "stop" | "length"
+    sample_lp: torch.Tensor       # (L,) log-probs reported by the sampler
+    overall: float
+    accuracy: float
+    format: float
+    old: torch.Tensor = None      # (L,)
+    neg: torch.Tensor = None      # (L,)
+    ref: torch.Tensor = None      # (L,)
+    adv: float = 0.0
+    weight: float = 1.0
+
+
+def encode_group(processor, row, system):
+    """A Group with the RL prompt encoded once on each of the triplet's images (positive and negative are
+    resized to the anchor's size, so the three prompts have the same tokens and M-RoPE positions)."""
+    images = load_triplet(row)
+    text = rl_prompt(row.problem)
+    sides = ("anchor", "positive", "negative")
+    return Group(row, {s: encode_prompts(processor, [im], [text], system) for s, im in zip(sides, images)})
+
+
+def sample_groups(model, processor, rows, args, system, seed_base):
+    """Phase 2: n1 rollouts on each anchor and n2 on its positive, scored by the reward. -> ([Group], tokens)."""
     tok = processor.tokenizer
     stop = [tok.convert_tokens_to_ids("<|im_end|>")] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-    triplets = [load_triplet(r) for r in rows]  # (anchor, positive, negative) PIL, same size
-    text = [rl_prompt(r.problem) for r in rows]
-    groups = [dict(row=r, images=t, text=q, rollouts=[]) for r, t, q in zip(rows, triplets, text)]
-    n_tok, t0 = 0, time.time()
-    for side, n in (("anchor", args.n1), ("positive", args.n2)):
+    groups = [encode_group(processor, r, system) for r in rows]
+    n_tok = 0
+    for side, n, offset in (("anchor", args.n1, 0), ("positive", args.n2, 500)):
         if n == 0:
             continue
-        imgs = [t[0] if side == "anchor" else t[1] for t in triplets]
-        batch = encode_prompts(processor, imgs, text, system)
-        seeds = [seed_base + 1000 * i + (0 if side == "anchor" else 500) + j for i in range(len(rows)) for j in range(n)]
+        batch = stack_prompts([g.prompts[side] for g in groups], tok.pad_token_id)
+        # one generator per rollout, seeded from (step, attempt, rank, prompt, side, sample): replayable
+        seeds = [seed_base + 1000 * i + offset + j for i in range(len(groups)) for j in range(n)]
         ro = generate(model, batch, n=n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, stop_ids=stop, pad_id=tok.pad_token_id, seeds=seeds,
                       suppress_ids=vision_token_ids(tok))
         texts = decode(tok, ro)
         n_tok += int(ro.lengths.sum())
-        for r in range(len(texts)):
-            g = groups[r // n]
-            L = int(ro.lengths[r])
-            s = score(texts[r], g["row"].answer, mode=args.reward, acc_weight=args.acc_weight, fmt_weight=args.fmt_weight)
-            g["rollouts"].append(dict(side=side, ids=ro.tokens[r, :L].tolist(), lp=ro.logprobs[r, :L].clone(),
-                                      text=texts[r], finish=ro.finish[r], **s))
-    return groups, n_tok, time.time() - t0
+        for r, text in enumerate(texts):
+            g, L = groups[r // n], int(ro.lengths[r])
+            s = score(text, g.row.answer, mode=args.reward, acc_weight=args.acc_weight, fmt_weight=args.fmt_weight)
+            g.samples.append(Sample(g, side, ro.tokens[r, :L].tolist(), text, ro.finish[r], ro.logprobs[r, :L].clone(),
+                                    s["overall"], s["accuracy"], s["format"]))
+    return groups, n_tok
 
 
-def score_batch(model, processor, items, system, temperature, which):
-    """Teacher-forced log-probs (no grad) of rollouts on a chosen image. items: list of (group, rollout);
-    which(group, rollout) -> PIL image. Returns a list of (L,) tensors."""
-    if not items:
-        return []
-    batch = make_batch(processor, items, system, which)
-    with torch.no_grad():
+def update_side(sample, intra_condition):
+    """Image that scores a rollout in the update (Δ1): its own (release) or always the anchor (paper)."""
+    return "anchor" if sample.side == "anchor" or intra_condition == "anchor" else "positive"
+
+
+def micro_batch(samples, sides, pad_id):
+    """Teacher-forcing batch [prompt on image sides[i] | response of samples[i]], from the cached prompts."""
+    prompts = stack_prompts([s.group.prompts[side] for s, side in zip(samples, sides)], pad_id)
+    return join_prompt_response(prompts, [s.ids for s in samples], pad_id)
+
+
+@torch.no_grad()
+def response_logprobs(model, samples, sides, pad_id, temperature, micro):
+    """Teacher-forced log-probs (no grad) of each sample's response on the given image side: [(L,)]."""
+    out = []
+    for i in range(0, len(samples), micro):
+        chunk = samples[i:i + micro]
+        batch = micro_batch(chunk, sides[i:i + micro], pad_id)
+        P = batch["prompt_len"]
         lp = token_logprobs(model, batch, temperature=temperature)
-    return [lp[i, batch["prompt_len"]:batch["prompt_len"] + len(ro["ids"])] for i, (_, ro) in enumerate(items)]
+        out += [lp[j, P:P + len(s.ids)] for j, s in enumerate(chunk)]
+    return out
 
 
-def make_batch(processor, items, system, which):
-    images = [which(g, ro) for g, ro in items]
-    prompts = encode_prompts(processor, images, [g["text"] for g, _ in items], system)
-    return join_prompt_response(prompts, [ro["ids"] for _, ro in items], processor.tokenizer.pad_token_id)
+def rl_batches(model, ref, processor, prompts, args, system, dist, step):
+    """Phases 1-5 of each RL step, as an endless generator: yields (samples of this rank, stats) with old /
+    negative / reference log-probs, advantages and weights filled in; the training loop only updates."""
+    pad = processor.tokenizer.pad_token_id
+    per_rank = max(1, args.rollout_batch // dist.world)
+    while True:
+        # ---- 1-3. prompts, rollouts, dynamic sampling (Δ7: drop all-right / all-wrong groups, <= max_retries)
+        model.eval()
+        kept, drawn, retries, n_tok, t0 = [], [], 0, 0, time.time()
+        for attempt in range(args.max_retries + 1):
+            rows = prompts.take(per_rank if attempt == 0 else max(1, per_rank - len(kept)))
+            seed_base = ((args.seed * 1_000_003 + step) * 1_000_003 + attempt * 4099 + dist.rank) * 100_000
+            groups, nt = sample_groups(model, processor, rows, args, system, seed_base)
+            drawn += groups
+            n_tok += nt
+            kept += [g for g in groups if 0.01 < g.accuracy() < 0.99][:per_rank - len(kept)]
+            # collective: every rank learns the global kept count, so all ranks retry (or stop) together
+            if distributed.all_sum(float(len(kept))) >= args.rollout_batch or attempt == args.max_retries:
+                break
+            retries += 1
+        t_gen = time.time() - t0
+
+        # ---- 4. lockstep filler: every rank must run the same number of forward calls, so ranks with fewer
+        # kept rollouts pad with weight-0 copies of the last drawn groups' rollouts
+        samples = [s for g in kept for s in g.samples]
+        n_max = max(distributed.all_gather_objects(len(samples)))  # collective: every rank's rollout count
+        spare = [s for g in groups for s in g.samples]
+        samples += [Sample(**{**vars(spare[i % len(spare)]), "weight": 0.0}) for i in range(n_max - len(samples))]
+
+        # ---- 5. old, negative and reference log-probs (no grad), each on its image; advantages (Eq. 2)
+        upd = [update_side(s, args.intra_condition) for s in samples]
+        for s, lp in zip(samples, response_logprobs(model, samples, upd, pad, args.temperature, args.micro_batch)):
+            s.old = lp
+        if args.gamma > 0 or args.eta2 > 0:
+            for s, lp in zip(samples, response_logprobs(model, samples, ["negative"] * len(samples), pad,
+                                                        args.temperature, args.micro_batch)):
+                s.neg = lp
+        if ref is not None:
+            for s, lp in zip(samples, response_logprobs(ref, samples, upd, pad, args.temperature, args.micro_batch)):
+                s.ref = lp
+        for g in kept:
+            adv = group_advantages(torch.tensor([[s.overall for s in g.samples]]))[0]  # (n1 + n2,)
+            for s, a in zip(g.samples, adv.tolist()):
+                s.adv = a
+        # sampler vs trainer mismatch, on rollouts whose old log-probs were computed on their own image
+        gap = max([float((s.sample_lp - s.old).abs().max()) for s, side in zip(samples, upd)
+                   if s.weight > 0 and side == s.side and len(s.ids)] or [0.0])
+        yield samples, dict(drawn=drawn, kept=len(kept), retries=retries, gen_tokens=n_tok, gen_s=t_gen, lp_gap=gap)
+        step += 1
 
 
-def update_image(args):
-    """Image that scores a rollout in the update: its own (Δ1 release) or always the anchor (paper)."""
-    def which(g, ro):
-        return g["images"][0] if ro["side"] == "anchor" or args.intra_condition == "anchor" else g["images"][1]
-    return which
+# ----------------------------------------------------------------------------------------------------------
+# The update
 
-
-def negative_image(g, ro):
-    return g["images"][2]
+LOSS_STATS = ("loss", "pg", "clip", "dual", "k", "k_clamped", "ent", "tokens")
 
 
 def pad_right(tensors, L):
@@ -311,43 +375,104 @@ def pad_right(tensors, L):
     return out
 
 
-def accumulate_grads(model, processor, all_items, idx, weight, old, neg, refl, adv, args, system, n_tok_global,
-                     n_micro, world, sums):
-    """Backward of one mini-batch (items idx of this rank) in n_micro micro-batches; gradients accumulate.
+def accumulate_grads(model, mini, n_micro, n_tok_global, coef, args, pad_id, world):
+    """Forward + backward of one mini-batch of this rank's samples in n_micro micro-batches (gradients add up).
 
     The loss is a token-level mean over the mini-batch's response tokens on ALL ranks (n_tok_global): each
-    token contributes tok_loss / n_tok_global, whatever the micro-batch split or the world size (Δ6).
-    Ranks with fewer micro-batches run weight-0 ones so that every rank makes n_micro forward calls.
+    token contributes tok_loss / n_tok_global, whatever the micro-batch split or the world size (Δ6). A rank
+    with fewer micro-batches runs weight-0 ones, so that every rank makes n_micro forward calls.
+    Returns a (len(LOSS_STATS),) tensor of this rank's token sums for the log.
     """
+    sums = torch.zeros(len(LOSS_STATS), dtype=torch.float64)
     mb = args.micro_batch
     for u in range(n_micro):
-        real = idx[u * mb:(u + 1) * mb]
-        sel = real or idx[:1] or [0]
-        chunk = [all_items[i] for i in sel]
-        batch = make_batch(processor, chunk, system, update_image(args))
+        real = mini[u * mb:(u + 1) * mb]
+        chunk = real or mini[:1]
+        batch = micro_batch(chunk, [update_side(s, args.intra_condition) for s in chunk], pad_id)
         P = batch["prompt_len"]
-        lp = token_logprobs(model, batch, temperature=args.temperature)[:, P:]       # (b, L)
+        lp = token_logprobs(model, batch, temperature=args.temperature)[:, P:]           # (b, L)
         L = lp.shape[1]
-        w = torch.tensor([weight[i] if real else 0.0 for i in sel])[:, None]        # (b, 1): 0 for filler rows
-        mask = batch["response_mask"][:, P:].float() * w                               # (b, L)
-        o = pad_right([old[i] for i in sel], L)
-        nl = pad_right([neg[i] for i in sel], L) if neg else None
-        rl = pad_right([refl[i] for i in sel], L) if refl else None
-        a = torch.tensor([adv.get(id(all_items[i][1]), 0.0) for i in sel])[:, None].expand(-1, L)
-        tok_loss, st = tapo_token_loss(lp, o, nl, a, args, rl)
+        w = torch.tensor([s.weight if real else 0.0 for s in chunk])[:, None]            # (b, 1)
+        mask = batch["response_mask"][:, P:].float() * w                                   # (b, L)
+        adv = torch.tensor([s.adv for s in chunk])[:, None].expand(-1, L)                  # (b, L)
+        neg = pad_right([s.neg for s in chunk], L) if chunk[0].neg is not None else None
+        ref = pad_right([s.ref for s in chunk], L) if chunk[0].ref is not None else None
+        tok_loss, parts = tapo_token_loss(lp, pad_right([s.old for s in chunk], L), neg, adv, ref, **coef)
         # token-level mean over the global mini-batch; DDP / FSDP2 average gradients over ranks, hence x world
-        loss = (tok_loss * mask).sum() / n_tok_global * world
-        loss.backward()
+        ((tok_loss * mask).sum() / n_tok_global * world).backward()
         with torch.no_grad():
-            sums["loss"] += float((tok_loss * mask).sum())
-            sums["pg"] += float((st["pg"] * mask).sum())
-            sums["clip"] += float((st["clipped"].float() * mask).sum())
-            sums["dual"] += float((st["dual"].float() * mask).sum())
-            sums["ent"] += float((-lp * mask).sum())
-            sums["tokens"] += float(mask.sum())
-            if st["k"] is not None:
-                sums["k"] += float((st["k"] * mask).sum())
-                sums["k_clamped"] += float((st["k_clamped"].float() * mask).sum())
+            k = parts["k"] if parts["k"] is not None else torch.zeros_like(lp)
+            kc = parts["k_clamped"] if parts["k_clamped"] is not None else torch.zeros_like(mask, dtype=torch.bool)
+            terms = (tok_loss, parts["pg"], parts["clipped"], parts["dual"], k, kc, -lp, torch.ones_like(lp))
+            sums += torch.stack([(t.double() * mask).sum() for t in terms])
+    return sums
+
+
+def update(model, opt, samples, args, dist, pad_id):
+    """Phase 6: one optimizer step per mini-batch of --update-batch groups. -> (loss sums, grad norm, updates)."""
+    model.train()
+    n_mini = args.rollout_batch // args.update_batch
+    per_mini = max(1, args.update_batch // dist.world) * (args.n1 + args.n2)  # this rank's samples per mini-batch
+    minis = [samples[m * per_mini:(m + 1) * per_mini] for m in range(n_mini - 1)]
+    minis.append(samples[(n_mini - 1) * per_mini:])  # the last mini-batch also takes the lockstep filler
+    # collective: the global response-token count of each mini-batch (token-level mean, Δ6) and every rank's
+    # micro-batch count (the largest is run everywhere), for all mini-batches at once
+    n_tok = distributed.all_sum(torch.tensor([sum(len(s.ids) * s.weight for s in mini) for mini in minis],
+                                             dtype=torch.float64))
+    n_micro = distributed.all_max(torch.tensor([math.ceil(len(mini) / args.micro_batch) for mini in minis],
+                                               dtype=torch.float64))
+    coef, sums, gnorm, updates = loss_coefficients(args), torch.zeros(len(LOSS_STATS), dtype=torch.float64), 0.0, 0
+    for mini, nt, nm in zip(minis, n_tok.tolist(), n_micro.tolist()):
+        if nt == 0:
+            continue  # nothing survived anywhere: no update (logged as kept 0)
+        sums += accumulate_grads(model, mini, int(nm), nt, coef, args, pad_id, dist.world)
+        gnorm = training.clip_grad_norm(model, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        updates += 1
+    return sums, gnorm, updates
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The log: this rank's sums stacked in one tensor, one all-reduce
+
+def step_metrics(step, samples, stats, sums, gnorm, updates, t_step, n2):
+    rollouts = [s for g in stats["drawn"] for s in g.samples]
+    anchor = [s for s in rollouts if s.side == "anchor"]
+    positive = [s for s in rollouts if s.side == "positive"]
+    local = torch.tensor([
+        sum(s.overall for s in rollouts), sum(s.accuracy for s in rollouts), sum(s.format for s in rollouts),
+        len(rollouts), sum(s.accuracy for s in anchor), len(anchor), sum(s.accuracy for s in positive), len(positive),
+        sum(len(s.ids) for s in rollouts), sum(s.finish == "length" for s in rollouts),
+        stats["kept"], len(stats["drawn"]), stats["gen_tokens"], *sums.tolist()], dtype=torch.float64)
+    tot = distributed.all_sum(local).tolist()  # collective: one all-reduce of every rank's sums
+    (reward, acc, fmt, n, acc_a, n_a, acc_p, n_p, length, trunc, kept, drawn, gen_tok), loss = tot[:13], tot[13:]
+    ls = dict(zip(LOSS_STATS, loss))
+    ntok = max(1.0, ls["tokens"])
+    return dict(step=step, reward=reward / max(1, n), acc=acc / max(1, n), acc_anchor=acc_a / max(1, n_a),
+                acc_positive=acc_p / max(1, n_p) if n2 else None, format=fmt / max(1, n), kept=kept,
+                drawn=drawn, kept_frac=kept / max(1, drawn), retries=stats["retries"], updates=updates, loss=ls["loss"] / ntok,
+                pg=ls["pg"] / ntok, kl_neg=ls["k"] / ntok, kl_neg_clamped=ls["k_clamped"] / ntok,
+                entropy=ls["ent"] / ntok, clip_frac=ls["clip"] / ntok, dual_clip_frac=ls["dual"] / ntok,
+                len=length / max(1, n), trunc=trunc / max(1, n),
+                lp_gap=distributed.all_max(stats["lp_gap"]),  # collective: the largest gap of any rank
+                grad_norm=gnorm, rollout_tok_s=gen_tok / max(1e-9, stats["gen_s"]), step_s=time.time() - t_step)
+
+
+def log_line(m, max_steps, n2):
+    return (f"step {m['step']}/{max_steps} | reward {m['reward']:.3f} | acc {m['acc']:.3f} (anchor {m['acc_anchor']:.3f}"
+            + (f", pos {m['acc_positive']:.3f}" if n2 else "") + f") | fmt {m['format']:.2f} | kept "
+            f"{int(m['kept'])}/{int(m['drawn'])} retries {m['retries']} | "
+            f"kl_neg {m['kl_neg']:.4f} | ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | len {m['len']:.0f} | "
+            f"gap {m['lp_gap']:.1e} | {m['rollout_tok_s']:.0f} tok/s | {m['step_s']:.1f} s"
+            + (f" | no group survived after {m['retries']} retries: no update" if m["kept"] == 0 else ""))
+
+
+def write_samples(out, step, drawn):
+    with open(out / "samples.txt", "a") as f:
+        for g in drawn[:2]:
+            for s in g.samples[:2]:
+                f.write(f"--- step {step} | gt {g.row.answer} | {s.side} | reward {s.overall:.2f}\n{s.text}\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -361,169 +486,61 @@ def main(argv=None):
     out = Path(args.out)
     system = SYSTEM_PROMPT_R1 if args.system_prompt == "r1" else None
 
-    # ---- model, optimizer, resume state
-    resume = args.resume
-    if resume == "auto":
-        resume = newest_checkpoint(out)
-        if resume is None:
-            dist.print(f"--resume auto: no checkpoint in {out}, starting fresh")
-    model_src = resume or args.model
-    model, processor = load_policy(model_src, dtype=torch.float32)
-    parallel = args.parallel or ("fsdp" if dist.device.type == "cuda" else "ddp")
-    distributed.set_gradient_checkpointing(model, args.grad_checkpointing)
-    model = distributed.wrap(model, parallel if dist.world > 1 or parallel == "fsdp" and dist.device.type == "cuda"
-                             else "none", dist)
+    # ---- model, reference, optimizer, data, resume state
+    resume = training.resume_path(args.resume, out)
+    if args.resume and resume is None:
+        dist.print(f"--resume: no checkpoint in {out} yet, starting fresh")
+    model, processor = load_policy(resume or args.model, dtype=torch.float32)
+    model, parallel = training.wrap_for_training(model, args.parallel, args.grad_checkpointing, dist)
     ref = None
-    if args.kl_ref > 0:
-        assert args.model, "--kl-ref needs --model: the frozen reference policy"
-        ref, _ = load_policy(args.model, dtype=torch.float32)
-        ref = ref.to(dist.device).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.kl_ref > 0:  # Δ5: the frozen initial policy
+        if not args.model:
+            raise SystemExit("tapo.py: --kl-ref needs --model (the frozen reference policy)")
+        ref = load_policy(args.model, dtype=torch.float32)[0].to(dist.device).eval().requires_grad_(False)
+    opt = training.build_optimizer(model, args.lr, args.weight_decay, decay_1d=True)  # release: AdamW on all
     rows = load_stage2(args.data, args.image_root)
-    prompts = Prompts(rows, args.seed, dist.rank, dist.world)
-    step = 0
+    prompts = RowStream(rows, args.seed, dist.rank, dist.world)
+    state = training.restore(resume, model, opt, dist) or dict(step=0)
+    step = state["step"]
     if resume:
-        st = load_trainer_state(resume)
-        step = st["state"]["step"]
-        prompts.load(st["state"]["prompts"][dist.rank] if dist.world == len(st["state"]["prompts"])
-                     else st["state"]["prompts"][0])
-        load_optimizer_state(model, opt, st["optimizer"])
-        dist.print(f"resumed from {resume} at step {step}")
+        ps = state["prompts"]
+        prompts.load(ps[dist.rank] if len(ps) == dist.world else ps[0])
+        changed = training.changed_settings(state.get("args", {}), args)
+        dist.print(f"resumed from {resume} at step {step}" + (f"; changed settings (saved, now): {changed}" if changed else ""))
     max_steps = args.max_steps or math.ceil(10 * len(rows) / args.rollout_batch)  # release: 10 epochs
-    per_rank = max(1, args.rollout_batch // dist.world)
-    upd_per_rank = max(1, args.update_batch // dist.world)
     if dist.master:
         out.mkdir(parents=True, exist_ok=True)
         print("config:", json.dumps(vars(args), sort_keys=True), flush=True)
-        print(f"tapo: {len(rows)} rows from {args.data}; model {model_src}; world {dist.world} ({parallel}); "
-              f"{max_steps} steps", flush=True)
+        print(f"tapo: {len(rows)} rows from {args.data}; model {resume or args.model}; world {dist.world} "
+              f"({parallel}); {max_steps} steps; defaults {args.defaults}", flush=True)
+
+    # ---- loop: each step takes one ready batch of rollouts and updates on it
     t_start = time.time()
     bar = tqdm(total=max_steps, initial=step, desc="tapo", disable=not dist.master, dynamic_ncols=True)
+    batches = rl_batches(model, ref, processor, prompts, args, system, dist, step)
+    pad = processor.tokenizer.pad_token_id
     while step < max_steps:
         t_step = time.time()
-        model.eval()
-        # ---------------------------------------------------------------- 1-3. prompts, rollouts, dynamic sampling
-        kept, last, retries, n_gen_tok, t_gen, drawn = [], None, 0, 0, 0.0, 0
-        all_stats = []
-        for attempt in range(args.max_retries + 1):
-            need = per_rank - len(kept)
-            batch_rows = prompts.take(per_rank if attempt == 0 else max(1, need))
-            seed_base = ((args.seed * 1_000_003 + step) * 1_000_003 + attempt * 4099 + dist.rank) * 100_000
-            groups, nt, tg = rollout_groups(model, processor, batch_rows, args, system, seed_base)
-            n_gen_tok, t_gen, drawn, last = n_gen_tok + nt, t_gen + tg, drawn + len(groups), groups
-            all_stats += groups
-            for g in groups:
-                acc = sum(r["accuracy"] for r in g["rollouts"]) / len(g["rollouts"])
-                if 0.01 < acc < 0.99 and len(kept) < per_rank:  # Δ7: drop all-right / all-wrong groups
-                    kept.append(g)
-            # collective: every rank learns the global kept count, so all ranks retry (or stop) together
-            total_kept = distributed.all_sum(float(len(kept)))
-            if total_kept >= args.rollout_batch or attempt == args.max_retries:
-                break
-            retries += 1
-
-        # ---------------------------------------------------------------- 4. old and negative log-probs (no grad)
-        items = [(g, ro) for g in kept for ro in g["rollouts"]]
-        # every rank must run the same number of forward calls: pad with rollouts of a filtered group (weight 0)
-        n_max = max(distributed.all_gather_objects(len(items)))
-        filler = [(g, ro) for g in last for ro in g["rollouts"]]
-        fill = [filler[i % len(filler)] for i in range(n_max - len(items))]
-        all_items = items + fill
-        weight = [1.0] * len(items) + [0.0] * len(fill)
-        mb = args.micro_batch
-        old, neg, refl = [], [], []  # per item: (L,) log-probs
-        for s in range(0, len(all_items), mb):
-            chunk = all_items[s:s + mb]
-            old += score_batch(model, processor, chunk, system, args.temperature, update_image(args))
-            if args.gamma > 0 or args.eta2 > 0:
-                neg += score_batch(model, processor, chunk, system, args.temperature, negative_image)
-            if ref is not None:
-                refl += score_batch(ref, processor, chunk, system, args.temperature, update_image(args))
-        gap = max([float((ro["lp"] - o).abs().max()) for (g, ro), o in zip(items, old)
-                   if ro["side"] == "anchor" or args.intra_condition == "positive"] or [0.0])
-
-        # ---------------------------------------------------------------- 5. group-normalised advantages
-        adv = {}
-        for g in kept:
-            R = torch.tensor([[ro["overall"] for ro in g["rollouts"]]])  # (1, n1 + n2)
-            for ro, a in zip(g["rollouts"], group_advantages(R)[0]):
-                adv[id(ro)] = float(a)
-
-        # ---------------------------------------------------------------- 6. policy update over mini-batches
-        model.train()
-        sums = dict(loss=0.0, pg=0.0, clip=0.0, dual=0.0, k=0.0, k_clamped=0.0, ent=0.0, tokens=0.0)
-        n_groups_rank = len(kept)
-        n_mini = max(1, args.rollout_batch // args.update_batch)
-        per_mini = upd_per_rank * (args.n1 + args.n2)
-        updates = 0
-        for m in range(n_mini):
-            idx = list(range(m * per_mini, min((m + 1) * per_mini, len(all_items))))
-            if m == n_mini - 1:
-                idx = list(range(m * per_mini, len(all_items)))
-            n_tok_local = sum(len(all_items[i][1]["ids"]) * weight[i] for i in idx)
-            # collective: the global number of response tokens of this mini-batch (token-level mean, Δ6)
-            n_tok_global = distributed.all_sum(float(n_tok_local))
-            n_micro = max(distributed.all_gather_objects(math.ceil(len(idx) / mb)))
-            if n_tok_global == 0:
-                continue  # nothing survived anywhere: no update (logged as kept 0)
-            accumulate_grads(model, processor, all_items, idx, weight, old, neg, refl, adv, args, system,
-                             n_tok_global, n_micro, dist.world, sums)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            sums["gnorm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            updates += 1
+        samples, stats = next(batches)
+        sums, gnorm, updates = update(model, opt, samples, args, dist, pad)
         step += 1
-
-        # ---------------------------------------------------------------- 7. log
-        def mean_of(key, side=None, pool=all_stats):
-            v = [ro[key] for g in pool for ro in g["rollouts"] if side is None or ro["side"] == side]
-            return distributed.all_sum(sum(v)) / max(1.0, distributed.all_sum(float(len(v))))
-        gnorm = sums.pop("gnorm", 0.0)
-        tot = {k: distributed.all_sum(v) for k, v in sums.items()}
-        ntok = max(1.0, tot["tokens"])
-        lens = [len(ro["ids"]) for g in all_stats for ro in g["rollouts"]]
-        trunc = [ro["finish"] == "length" for g in all_stats for ro in g["rollouts"]]
-        kept_global = distributed.all_sum(float(n_groups_rank))
-        drawn_global = distributed.all_sum(float(drawn))
-        m = dict(step=step, reward=mean_of("overall"), acc=mean_of("accuracy"), acc_anchor=mean_of("accuracy", "anchor"),
-                 acc_positive=mean_of("accuracy", "positive") if args.n2 else None, format=mean_of("format"),
-                 kept=kept_global, kept_frac=kept_global / max(1.0, drawn_global), retries=retries, updates=updates,
-                 loss=tot["loss"] / ntok, pg=tot["pg"] / ntok, kl_neg=tot["k"] / ntok, kl_neg_clamped=tot["k_clamped"] / ntok,
-                 entropy=tot["ent"] / ntok, clip_frac=tot["clip"] / ntok, dual_clip_frac=tot["dual"] / ntok,
-                 len=distributed.all_sum(float(sum(lens))) / max(1.0, distributed.all_sum(float(len(lens)))),
-                 trunc=distributed.all_sum(float(sum(trunc))) / max(1.0, distributed.all_sum(float(len(trunc)))),
-                 lp_gap=max(distributed.all_gather_objects(gap)),
-                 grad_norm=gnorm, rollout_tok_s=distributed.all_sum(float(n_gen_tok)) / max(1e-9, t_gen), step_s=time.time() - t_step)
+        m = step_metrics(step, samples, stats, sums, gnorm, updates, t_step, args.n2)
         if dist.master:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
             bar.update(1)
-            msg = (f"step {step}/{max_steps} | reward {m['reward']:.3f} | acc {m['acc']:.3f} (anchor {m['acc_anchor']:.3f}"
-                   + (f", pos {m['acc_positive']:.3f}" if args.n2 else "") + f") | fmt {m['format']:.2f} | kept "
-                   f"{int(kept_global)}/{int(drawn_global)} retries {retries} | kl_neg {m['kl_neg']:.4f} | ent "
-                   f"{m['entropy']:.3f} | clip {m['clip_frac']:.3f} | len {m['len']:.0f} | gap {m['lp_gap']:.1e} | "
-                   f"{m['rollout_tok_s']:.0f} tok/s | {m['step_s']:.1f} s")
-            if kept_global == 0:
-                msg += f" | no group survived after {retries} retries: no update"
-            bar.write(msg)
-            if args.sample_every and step % args.sample_every == 0 and all_stats:
-                with open(out / "samples.txt", "a") as f:
-                    for g in all_stats[:2]:
-                        for ro in g["rollouts"][:2]:
-                            f.write(f"--- step {step} | gt {g['row'].answer} | {ro['side']} | reward {ro['overall']:.2f}\n"
-                                    f"{ro['text']}\n")
+            bar.write(log_line(m, max_steps, args.n2))
+            if args.sample_every and step % args.sample_every == 0:
+                write_samples(out, step, stats["drawn"])
 
-        # ---------------------------------------------------------------- 8. save
-        timed_out = args.max_minutes is not None and (time.time() - t_start) / 60 > args.max_minutes
-        # collective: every rank agrees whether to stop (time differs slightly across ranks)
-        timed_out = distributed.all_any(timed_out)
-        last_step = step >= max_steps or timed_out
-        if last_step or (args.save_every and step % args.save_every == 0):
-            state = dict(step=step, args=vars(args), prompts=distributed.all_gather_objects(prompts.state()))
-            opt_sd = optimizer_state(model, opt)  # collective under FSDP2
-            save_checkpoint(out / ("final" if last_step else f"step_{step}"), model, processor, state=state,
-                            rank=dist.rank, optimizer_state=opt_sd)
+        # ---- save (collective): at the end, every --save-every steps, or when --max-minutes is up
+        # collective: every rank agrees whether to stop (elapsed time differs slightly across ranks)
+        timed_out = distributed.all_any(args.max_minutes is not None and (time.time() - t_start) / 60 > args.max_minutes)
+        last = step >= max_steps or timed_out
+        if last or (args.save_every and step % args.save_every == 0):
+            # collective: every rank's position in its prompt stream
+            run_state = dict(step=step, args=vars(args), prompts=distributed.all_gather_objects(prompts.state()))
+            training.save(out / ("final" if last else f"step_{step}"), model, processor, opt, run_state, dist)
         if timed_out:
             dist.print(f"--max-minutes {args.max_minutes} reached at step {step}: saved and stopping")
             break

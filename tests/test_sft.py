@@ -153,7 +153,7 @@ def test_resume_continues_exactly(stage1, tmp_path):
 
 
 def test_two_step_smoke_run_on_a_world_folder(stage1, tmp_path):
-    """`sft.py --data WORLD_DIR` trains 2 steps with the world profile: progress lines, metrics, HF checkpoint."""
+    """`sft.py --data WORLD_DIR --defaults world` trains 2 steps: progress lines, metrics, an HF checkpoint."""
     world = tmp_path / "world"
     world.mkdir()
     (world / "world.json").write_text("{}")
@@ -162,8 +162,9 @@ def test_two_step_smoke_run_on_a_world_folder(stage1, tmp_path):
             (world / f.name).write_bytes(f.read_bytes())
     (world / "cot_sft.json").write_text(stage1.read_text())
     out = tmp_path / "run"
-    r = run(["sft.py", "--model", "tiny", "--data", str(world), "--out", str(out), "--max-steps", "2"])
-    assert '"profile": "world-pretrain"' in r.stdout
+    r = run(["sft.py", "--model", "tiny", "--data", str(world), "--out", str(out), "--max-steps", "2",
+             "--defaults", "world"])
+    assert '"defaults": "world"' in r.stdout
     lines = [x for x in r.stdout.splitlines() if x.startswith("step ")]
     assert len(lines) == 2 and lines[1].startswith("step 2/2 | loss ")
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -183,19 +184,28 @@ def test_malformed_stage1_file_names_the_record(stage1, tmp_path):
         sft.main(["--model", "tiny", "--data", str(bad), "--out", str(tmp_path / "x")])
 
 
-def test_planning_schedule_and_mixture(stage1):
-    """Cosine/warmup values; same micro-batch count on every rank; PATH:WEIGHT repeats; --user-prompt rl."""
+def test_cosine_with_warmup_values():
+    """lr multiplier: linear warmup from 0, then a cosine from 1 to 0 over the remaining steps (HF's schedule)."""
     assert sft.cosine_with_warmup(0, 4, 12) == 0.0 and sft.cosine_with_warmup(2, 4, 12) == 0.5
     assert sft.cosine_with_warmup(4, 4, 12) == 1.0 and abs(sft.cosine_with_warmup(8, 4, 12) - 0.5) < 1e-12
     assert sft.cosine_with_warmup(12, 4, 12) == 0.0
-    keys = list(range(10))
-    for n, micro, world in [(10, 4, 1), (10, 4, 2), (7, 2, 4), (1, 4, 2), (3, 1, 8)]:
-        plan = sft.rank_micro_batches(list(range(n)), keys, micro, world)
-        assert len({len(r) for r in plan}) == 1  # same number of forward calls on every rank
-        got = sorted(i for r in plan for mb in r for i in mb)
-        assert got == list(range(n)) and all(len(mb) <= micro for r in plan for mb in r)
+
+
+@pytest.mark.parametrize("n, micro, world", [(10, 4, 1), (10, 4, 2), (7, 2, 4), (1, 4, 2), (3, 1, 8)])
+def test_every_rank_gets_the_same_number_of_micro_batches(n, micro, world):
+    """rank_micro_batches: same micro-batch count on every rank, each <= micro, every sample exactly once."""
+    plan = sft.rank_micro_batches(list(range(n)), list(range(10)), micro, world)
+    assert len({len(r) for r in plan}) == 1
+    assert sorted(i for r in plan for mb in r for i in mb) == list(range(n))
+    assert all(len(mb) <= micro for r in plan for mb in r)
+
+
+def test_epoch_batches_cover_every_sample_once():
+    """One epoch's batches hold every sample exactly once."""
     batches = sft.epoch_batches(list(range(10)), 4, seed=0, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(10))
+
+
+def test_mixture_weights_repeat_and_subsample(stage1):
+    """--data PATH:2,PATH:0.5 gives two copies plus a seeded half of the file's samples."""
     assert len(sft.load_mixture(f"{stage1}:2,{stage1}:0.5")) == 8 * 2 + 4
-    plain, rl = sft.load_mixture(str(stage1)), sft.load_mixture(str(stage1), user_prompt="rl")
-    assert [r.question for r in rl] == [sft.rl_prompt(p.question) if p.image else p.question for p in plain]

@@ -40,14 +40,27 @@ def test_clipped_surrogate_hand_values():
     assert dual.tolist() == [False, False, True, False, False]
 
 
-def test_inter_class_kl_hand_values_and_clamps():
-    """Eq. 3 (release): k = clamp(e^d - d - 1, -10, 10), d = clamp(neg - lp, -20, 20)."""
-    lp = torch.tensor([-1.0, -2.0, 0.0, -1.0])
-    neg = torch.tensor([-2.0, -1.0, -30.0, -1.0])
+def test_inter_class_kl_hand_values():
+    """Eq. 3 (release): k = e^d - d - 1 with d = neg - lp, inside the clamps."""
+    lp = torch.tensor([-1.0, -2.0, -1.0])
+    neg = torch.tensor([-2.0, -1.0, -1.0])
     k, clamped = inter_class_kl(lp, neg)
-    expect = [math.exp(-1) + 1 - 1, math.exp(1) - 1 - 1, 10.0, 0.0]
-    torch.testing.assert_close(k, torch.tensor(expect), atol=1e-6, rtol=0)
-    assert clamped.tolist() == [False, False, True, False]
+    torch.testing.assert_close(k, torch.tensor([math.exp(-1) + 1 - 1, math.exp(1) - 1 - 1, 0.0]), atol=1e-6, rtol=0)
+    assert not clamped.any()
+
+
+def test_inter_class_kl_clamps_at_ten():
+    """Eq. 3 (release): d is clamped to [-20, 20] and k to [-10, 10]; a clamped token is flagged."""
+    k, clamped = inter_class_kl(torch.tensor([0.0]), torch.tensor([-30.0]))
+    assert k.tolist() == [10.0] and clamped.tolist() == [True]
+
+
+def test_reference_kl_uses_the_same_k3():
+    """Δ5's reference KL adds beta * k3(lp, ref): the same estimator as Eq. 3, with the opposite sign."""
+    lp, old, ref, adv = torch.tensor([-1.0]), torch.tensor([-1.0]), torch.tensor([-1.5]), torch.tensor([0.0])
+    with_ref, _ = tapo_token_loss(lp, old, None, adv, ref, **{**COEF, "beta": 0.1})
+    without, _ = tapo_token_loss(lp, old, None, adv, None, **COEF)
+    assert abs((with_ref - without).item() - 0.1 * inter_class_kl(lp, ref)[0].item()) < 1e-7
 
 
 def test_inter_class_gradient_increases_kl_to_negative():
@@ -72,54 +85,82 @@ def test_entropy_terms_gradients():
     assert neg.grad is None or torch.equal(neg.grad, torch.zeros(2))
 
 
+COEF = dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0, gamma=0.01, eta1=0.03, eta2=0.03, beta=0.0)
+
+
 def test_total_token_loss_combines_terms():
     """L = l_clip - gamma * k + eta1 * (-lp) + eta2 * (-neg), on one hand-computed token."""
-    cfg = SimpleNamespace(eps_low=0.2, eps_high=0.28, dual_clip=3.0, gamma=0.01, eta1=0.03, eta2=0.03, kl_ref=0.0)
     lp, old, neg, adv = torch.tensor([-1.0]), torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([0.5])
-    loss, _ = tapo_token_loss(lp, old, neg, adv, cfg)
+    loss, _ = tapo_token_loss(lp, old, neg, adv, **COEF)
     expect = -0.5 * 1.0 - 0.01 * (math.exp(-1) + 1 - 1) + 0.03 * 1.0 + 0.03 * 2.0
     assert abs(loss.item() - expect) < 1e-6
 
 
-def _fake_items(processor, n_groups=2, n=3):
-    g_images = [(random_image(112, 112, 3 * i), random_image(112, 112, 3 * i + 1), random_image(112, 112, 3 * i + 2))
-                for i in range(n_groups)]
+def _fake_samples(processor, n_groups=2, n=3):
+    """n_groups groups of n rollouts (the last one of each on the positive image), advantages +-(0.5 + j)."""
+    from tapo import Group, Sample
+    from data import encode_prompts
     tok = processor.tokenizer
-    items, adv = [], {}
     texts = ["<think> red head </think>\n\n<answer>Vesper Finch</answer>", "<think> blue </think><answer>Dusk Lily</answer>",
              "<answer>Kestrel</answer>"]
+    samples = []
     for gi in range(n_groups):
-        g = dict(images=g_images[gi], text="What species of bird is this?", rollouts=[])
+        images = [random_image(112, 112, 3 * gi + k) for k in range(3)]
+        g = Group(row=None, prompts={side: encode_prompts(processor, [im], ["What species of bird is this?"])
+                                     for side, im in zip(("anchor", "positive", "negative"), images)})
         for j in range(n):
             ids = tok(texts[(gi + j) % 3], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-            ro = dict(side="anchor" if j < 2 else "positive", ids=ids)
-            g["rollouts"].append(ro)
-            items.append((g, ro))
-            adv[id(ro)] = (-1.0) ** j * (0.5 + j)
-    return items, adv
+            s = Sample(g, "anchor" if j < 2 else "positive", ids, "", "stop", torch.zeros(len(ids)), 0.0, 0.0, 0.0,
+                       adv=(-1.0) ** j * (0.5 + j))
+            g.samples.append(s)
+            samples.append(s)
+    return samples
 
 
-@pytest.mark.parametrize("split", [1, 2, 6])
+@pytest.mark.parametrize("split", [1, 2, 4])
 def test_loss_gradients_independent_of_micro_batch(tiny, split):
-    """The update's gradients are the same (1e-6) for micro-batches of 1, 2 or all 6 rollouts."""
-    from tapo import score_batch, negative_image, update_image
+    """The update's gradients for micro-batches of `split` rollouts equal (1e-6) those of one micro-batch of all 6."""
+    from tapo import response_logprobs, update_side
     model, proc = tiny
-    items, adv = _fake_items(proc)
-    cfg = SimpleNamespace(eps_low=0.2, eps_high=0.28, dual_clip=3.0, gamma=0.01, eta1=0.03, eta2=0.03, kl_ref=0.0,
-                          temperature=1.0, intra_condition="positive", micro_batch=split)
+    pad = proc.tokenizer.pad_token_id
+    samples = _fake_samples(proc)
+    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", micro_batch=split)
+    upd = [update_side(s, "positive") for s in samples]
     # old log-probs slightly off the current ones so ratios are not all 1
-    old = [o - 0.1 * (i % 2) for i, o in enumerate(score_batch(model, proc, items, None, 1.0, update_image(cfg)))]
-    neg = score_batch(model, proc, items, None, 1.0, negative_image)
-    n_tok = float(sum(len(ro["ids"]) for _, ro in items))
+    for i, (s, lp) in enumerate(zip(samples, response_logprobs(model, samples, upd, pad, 1.0, 6))):
+        s.old = lp - 0.1 * (i % 2)
+    for s, lp in zip(samples, response_logprobs(model, samples, ["negative"] * 6, pad, 1.0, 6)):
+        s.neg = lp
+    n_tok = float(sum(len(s.ids) for s in samples))
     grads = []
     for mb in (split, 6):
         cfg.micro_batch = mb
         model.zero_grad()
-        sums = dict(loss=0.0, pg=0.0, clip=0.0, dual=0.0, k=0.0, k_clamped=0.0, ent=0.0, tokens=0.0)
-        accumulate_grads(model, proc, items, list(range(6)), [1.0] * 6, old, neg, [], adv, cfg, None, n_tok,
-                         math.ceil(6 / mb), 1, sums)
+        accumulate_grads(model, samples, math.ceil(6 / mb), n_tok, COEF, cfg, pad, 1)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     model.zero_grad()
     for n in grads[1]:
         err = (grads[0][n] - grads[1][n]).abs().max().item()
         assert err <= 1e-6 * (1 + grads[1][n].abs().max().item()), (n, err)
+
+
+def test_filler_micro_batches_add_no_gradient(tiny):
+    """Weight-0 lockstep filler rows (and extra empty micro-batches) leave the gradients unchanged."""
+    from dataclasses import replace
+    from tapo import response_logprobs, update_side
+    model, proc = tiny
+    pad = proc.tokenizer.pad_token_id
+    samples = _fake_samples(proc, n_groups=1)
+    upd = [update_side(s, "positive") for s in samples]
+    for s, lp in zip(samples, response_logprobs(model, samples, upd, pad, 1.0, 6)):
+        s.old, s.neg = lp - 0.05, lp - 0.3
+    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", micro_batch=2)
+    n_tok = float(sum(len(s.ids) for s in samples))
+    grads = []
+    for batch, n_micro in ((samples, 2), (samples + [replace(samples[0], weight=0.0)], 4)):
+        model.zero_grad()
+        accumulate_grads(model, batch, n_micro, n_tok, COEF, cfg, pad, 1)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-7, rtol=0), n
