@@ -1,6 +1,6 @@
 """Data layer: the release's three file formats, the ONE prompt / chat construction, batching.
 
-Formats (REFERENCE.md section 4, samples in shared/formats/), read with a clear error naming the file and the
+Formats (README "Release facts"; samples in tests/fixtures/), read with a clear error naming the file and the
 line (JSONL, 1-based) or record index (JSON), or the image path, for any malformed record:
 
     load_stage1(path)  Stage-1 SFT JSON list of {"messages": [system?, user, assistant], "images": [path]}
@@ -29,7 +29,7 @@ Layer: data -> reward (label normalisers); nothing else of this project.
 
 Deliberate choices
 ------------------
-1. System prompt (REFERENCE.md Δ14): the release's SFT used SYSTEM_PROMPT_R1, its RL and eval used none (so
+1. System prompt (README Δ14): the release's SFT used SYSTEM_PROMPT_R1, its RL and eval used none (so
    the Qwen template inserted "You are a helpful assistant."). Here every stage builds its chat with
    `chat_messages(..., system=None)` by default, i.e. the RL / eval prompt, so that SFT trains on exactly
    the conversation the model later sees; stages offer `--system-prompt r1` to pass SYSTEM_PROMPT_R1 (the
@@ -41,6 +41,7 @@ Deliberate choices
 """
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -83,7 +84,10 @@ def open_prompt(question):
 
 
 def rl_prompt(problem):
-    return problem.replace(IMAGE_TOKEN, "").strip() + RL_SUFFIX
+    """The RL user text the release builds from a Stage-2 `problem` ("<image> Based on this image, ..."): the
+    template trims the whole problem, then EasyR1 splits it at "<image>", so the text after the image keeps its
+    leading space (" Based on this image, ..."); then the instruction."""
+    return problem.strip().replace(IMAGE_TOKEN, "") + RL_SUFFIX
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,7 +111,7 @@ class RLRow:
     image: str          # anchor x
     positive: str       # x_pos (release key "image_noisy")
     negative: str       # x_neg (release key "image_aug")
-    problem: str        # "<image>" removed, stripped
+    problem: str        # as written in the file, "<image>" included (data.rl_prompt builds the user text)
     answer: str
     source: str         # "file.jsonl:line"
 
@@ -123,8 +127,22 @@ class EvalItem:
     source: str = ""
 
 
-def load_image(path, size=None):
-    """An RGB PIL image; DataError naming the path when missing or unreadable; optional resize to (w, h)."""
+def pixel_budget_size(width, height, min_pixels=None, max_pixels=None):
+    """(w, h) after the release's pixel budget (EasyR1 process_image, LLaMA-Factory _preprocess_image): scale by
+    sqrt(max / (w h)) when above max_pixels, then by sqrt(min / (w h)) when below min_pixels, truncating each
+    side to an int. None or 0 = no bound. The processor's own smart_resize (multiples of 28) follows."""
+    if max_pixels and width * height > max_pixels:
+        f = math.sqrt(max_pixels / (width * height))
+        width, height = int(width * f), int(height * f)
+    if min_pixels and width * height < min_pixels:
+        f = math.sqrt(min_pixels / (width * height))
+        width, height = int(width * f), int(height * f)
+    return width, height
+
+
+def load_image(path, size=None, min_pixels=None, max_pixels=None):
+    """An RGB PIL image; DataError naming the path when missing or unreadable. Resized to (w, h) = `size` if
+    given, else into the pixel budget [min_pixels, max_pixels] the way the release does (pixel_budget_size)."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -132,15 +150,17 @@ def load_image(path, size=None):
         raise DataError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
-    if size is not None and tuple(im.size) != tuple(size):
-        im = im.resize(tuple(size), Image.BICUBIC)
+    if size is None:
+        size = pixel_budget_size(*im.size, min_pixels, max_pixels)
+    if tuple(im.size) != tuple(size):
+        im = im.resize(tuple(size), Image.BICUBIC)  # PIL's default resample, as the release's im.resize
     return im
 
 
-def load_triplet(row):
-    """(anchor, positive, negative) images of an RLRow, positive and negative resized to the anchor's size
-    (prompt tokens and M-RoPE positions are computed once, from the anchor: REFERENCE.md section 4)."""
-    anchor = load_image(row.image)
+def load_triplet(row, min_pixels=None, max_pixels=None):
+    """(anchor, positive, negative) images of an RLRow: the anchor in the pixel budget, positive and negative
+    resized to the anchor's size (prompt tokens and M-RoPE positions are computed once, from the anchor)."""
+    anchor = load_image(row.image, min_pixels=min_pixels, max_pixels=max_pixels)
     return anchor, load_image(row.positive, anchor.size), load_image(row.negative, anchor.size)
 
 
@@ -270,7 +290,7 @@ def load_stage2(path, image_root=None, check_images=True):
         img, pos, neg = (_image_path(_one_image(rec[k], where, k), root, where, check_images)
                          for k in ("images", "image_noisy", "image_aug"))
         problem = _str(rec, "problem", where)
-        out.append(RLRow(image=img, positive=pos, negative=neg, problem=problem.replace(IMAGE_TOKEN, "").strip(),
+        out.append(RLRow(image=img, positive=pos, negative=neg, problem=problem,
                          answer=_str(rec, "answer", where), source=f"{os.path.basename(path)}:{n}"))
     return out
 
@@ -343,6 +363,25 @@ def stack_prompts(prompts, pad_id):
         out["pixel_values"] = torch.cat([p["pixel_values"] for p in prompts if p.get("pixel_values") is not None])
         out["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in prompts if p.get("pixel_values") is not None])
     return out
+
+
+def count_image_tokens(processor, path, min_pixels=None, max_pixels=None):
+    """LLM tokens of an image after the pixel budget, Qwen2.5-VL's resize and its 2x2 merge (header read only)."""
+    ip = processor.image_processor
+    try:
+        with Image.open(path) as im:
+            w, h = pixel_budget_size(*im.size, min_pixels, max_pixels)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+    return ip.get_number_of_image_patches(h, w) // ip.merge_size ** 2
+
+
+def prompt_length(processor, user_text, image_path=None, system=None, min_pixels=None, max_pixels=None):
+    """Tokens of the chat prompt (generation header included) of one sample, image tokens counted exactly."""
+    text = processor.apply_chat_template(chat_messages(user_text, image_path is not None, system), tokenize=False,
+                                         add_generation_prompt=True)
+    n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return n + (count_image_tokens(processor, image_path, min_pixels, max_pixels) - 1 if image_path else 0)
 
 
 def encode_responses(tokenizer, responses, add_eos=True):

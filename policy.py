@@ -68,6 +68,17 @@ def load_policy(name_or_path, dtype=torch.float32, device="cpu", seed=0):
     return model.to(device).eval(), load_processor(path)
 
 
+def stop_token_ids(model, tokenizer):
+    """Every id that ends a response: <|im_end|>, the tokenizer's eos and every eos of the model's
+    generation_config (Qwen2.5-VL-Instruct lists [151645, 151643]: <|im_end|> and <|endoftext|>), as HF
+    generate and vLLM stop on all of them."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = {tokenizer.eos_token_id} | ({im_end} if im_end != tokenizer.unk_token_id else set())
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+
 def vision_token_ids(tokenizer):
     """Ids of the vision placeholders, which a response must never contain (rollout's suppress_ids)."""
     names = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -86,7 +97,7 @@ def rope_positions(model, batch):
     """3-D M-RoPE positions (3, B, T) for a padded batch (left or right padding, or both).
 
     Always explicit: without `mm_token_type_ids` HF silently falls back to arange positions, which are wrong
-    for image tokens and for left padding (REFERENCE.md section 7). Padding positions get 0.
+    for image tokens and for left padding (README "Release facts"). Padding positions get 0.
     """
     core = unwrap(model).model
     pos, _ = core.get_rope_index(

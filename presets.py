@@ -23,7 +23,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 import world
 
 # The Qwen2-VL chat template (as shipped with Qwen2.5-VL-*-Instruct). With no system message it inserts
-# "You are a helpful assistant.", which is what the release's RL and eval prompts got (REFERENCE.md Δ14).
+# "You are a helpful assistant.", which is what the release's RL and eval prompts got (README Δ14).
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -56,7 +56,7 @@ QWEN_PRETOKENIZE = (
 )
 
 PRESETS = {
-    # ~0.7M parameters: the size that learned fastest per CPU-minute (REFERENCE.md section 7).
+    # ~0.7M parameters: the size that learned fastest per CPU-minute on 2 cores.
     "tiny": dict(vocab_size=1024, hidden=128, layers=2, heads=4, kv_heads=2, ffn=384,
                  vis_hidden=64, vis_layers=2, vis_heads=2, vis_ffn=128),
     # ~3.5M parameters.
@@ -118,7 +118,7 @@ def build_tokenizer(vocab_size):
 def preset_config(name, tokenizer):
     p = PRESETS[name]
     head_dim = p["hidden"] // p["heads"]
-    t = head_dim // 2  # mrope_section must sum to head_dim / 2 (REFERENCE.md section 7); Qwen uses 1:1.5:1.5
+    t = head_dim // 2  # mrope_section must sum to head_dim / 2 (README "Release facts"); Qwen uses 1:1.5:1.5
     mrope = [t // 4, (t - t // 4) // 2, t - t // 4 - (t - t // 4) // 2]
     ids = tokenizer.convert_tokens_to_ids
     return Qwen2_5_VLConfig(
@@ -144,7 +144,7 @@ def preset_config(name, tokenizer):
 class VLProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL's processor without the video slot, so that it builds without torchvision.
 
-    note: `Qwen2_5_VLProcessor` insists on a torchvision-backed video processor (REFERENCE.md section 7).
+    note: `Qwen2_5_VLProcessor` insists on a torchvision-backed video processor (README "Release facts").
     Saved folders still name `Qwen2_5_VLProcessor`, so `AutoProcessor` loads them where torchvision exists.
     """
     attributes = ["image_processor", "tokenizer"]

@@ -4,7 +4,7 @@ Rule-based reward for TAPO rollouts: R = 0.9 * accuracy + 0.1 * format.
 Fine-R1 (He, Geng, Peng, ICLR 2026, arXiv 2602.07605) trains with an R1-style reward on
 `<think>...</think><answer>LABEL</answer>` responses. The paper names only the accuracy check; the
 release (github.com/PKU-ICST-MIPL/FineR1_ICLR2026, TAPO/examples/reward_function/cls_thinking.py) adds a
-format term with weight 0.1 (REFERENCE.md section 2). This file is pure Python (no torch), meant to be
+format term with weight 0.1 (README "Release facts"). This file is pure Python (no torch), meant to be
 called by tapo.py on every rollout. It also holds EVERY answer parser and label normaliser of the project,
 each named for the rule it follows (data.py and eval.py import them from here):
 
@@ -18,7 +18,8 @@ each named for the rule it follows (data.py and eval.py import them from here):
     python reward.py "<think>white head</think><answer>Laysan Albatross</answer>" "Laysan Albatross"
     python reward.py RESPONSE GROUND_TRUTH --mode official
 
-Format reward (both modes): 1.0 iff, after str.strip(), the response is exactly
+Format reward ("strict"; "official" uses the release's check, official_format): 1.0 iff, after str.strip(),
+the response is exactly
     <think> THINK </think> WS <answer> ANSWER </answer>
 with WS only whitespace and each of the four tags present exactly once in the whole response (so no
 duplicate blocks, no nesting, no text before <think> or after </answer>). THINK and ANSWER may be empty.
@@ -31,11 +32,12 @@ Accuracy reward, two modes (REWARD_MODES):
   forgiven by strict_label. Lists ("A, B", "A or B", "A/B", "A and B", one per line), hedges
   ("either A or B") and extra words ("A (Phoebastria nigripes)") all fail equality, so listing classes
   cannot be rewarded.
-- "official": the release's RL check, `gt.lower() in answer.lower()` on the first <answer> block after
-  the release's whitespace clean-up around "<", ">" and "/". It rewards any answer that contains the
-  label, so listing candidates is rewarded (Δ10). Kept to reproduce the release.
+- "official": the release's RL reward exactly (TAPO/examples/reward_function/cls_thinking.py): whitespace
+  around "<", ">" and "/" removed, then format = fullmatch of <think>.*?</think>\\s*<answer>.*?</answer>
+  and accuracy = `gt.lower() in answer.lower()` on the first <answer> block. It rewards any answer that
+  contains the label, so listing candidates is rewarded (Δ10). Kept to reproduce the release.
 
-Deliberate deviations from the release:
+Deliberate deviations from the release (strict mode; "official" has none):
 1. Default accuracy is "strict", not substring inclusion (Δ10; Visual-RFT users saw policies collapse to
    listing classes under substring rewards).
 2. The format check counts tags: the release's `fullmatch(<think>.*?</think>\\s*<answer>.*?</answer>)`
@@ -44,10 +46,10 @@ Deliberate deviations from the release:
    "< think >"); strict mode does not: it only strips the ends and allows whitespace between </think>
    and <answer>. "official" mode keeps the clean-up for its accuracy check.
 4. A response with no <answer> block earns accuracy 0 in both modes, as in the release RL reward. The
-   release *eval* script instead scores the whole output when the tag is missing (REFERENCE.md section
-   5); eval.py does that itself. For RL it would reward labels named anywhere in the thinking.
-5. An empty ground truth (or a non-str one, coerced to "") earns accuracy 0 in both modes; the release's
-   `"" in answer` would give 1.
+   release *eval* script instead scores the whole output when the tag is missing (README "Release facts");
+   eval.py does that itself. For RL it would reward labels named anywhere in the thinking.
+5. An empty ground truth (or a non-str one, coerced to "") earns accuracy 0 in strict mode; the release's
+   `"" in answer` gives 1, and so does "official".
 6. No regex scans unbounded text with a lazy quantifier from every start position: answers are found
    with str.rfind/find and the format regex runs only once every tag count is known to be 1, so scoring
    is linear in the response length (a 200k-char rollout of repeated "<think>" takes about a millisecond).
@@ -164,16 +166,39 @@ def strict_accuracy(response, ground_truth) -> float:
 
 
 def official_accuracy(response, ground_truth) -> float:
-    """The release's RL check: gt.lower() in answer.lower(), answer = first <answer> block (Δ10)."""
+    """The release's RL check: gt.lower() in answer.lower(), answer = release_rl_answer (first block) (Δ10).
+    Exactly the release, edge cases included: an empty ground truth is "in" any answer."""
     answer = release_rl_answer(response)
-    if answer is None:
-        return 0.0  # no answer tag: 0, as the release RL reward (deviation 4)
-    gt = as_str(ground_truth)
-    return 1.0 if gt and gt.lower() in answer.lower() else 0.0
+    if answer is None or not isinstance(ground_truth, str):
+        return 0.0  # no answer tag: 0, as the release RL reward; a non-str label would crash the release
+    return 1.0 if ground_truth.lower() in answer.lower() else 0.0
+
+
+def official_format(response) -> float:
+    """The release's format reward: after the tag-space clean-up, re.fullmatch(
+    r"<think>.*?</think>\\s*<answer>.*?</answer>", DOTALL). Unlike format_reward it accepts nested or duplicated
+    blocks ("<think>a</think><answer>b</answer><answer>c</answer>") and "< think >" spellings, and text must
+    not stand before <think> or after the last </answer>. Decided in linear time: the fullmatch exists iff the
+    text starts with <think>, ends with </answer>, and some </think> is followed by whitespace and an <answer>
+    whose content may be empty but does not overlap the final </answer>."""
+    text = RELEASE_TAG_SPACE_RE.sub("", as_str(response))
+    if not (text.startswith(THINK_OPEN) and text.endswith(ANSWER_CLOSE)):
+        return 0.0
+    last = len(text) - len(ANSWER_CLOSE)  # where the final </answer> starts
+    i = text.find(THINK_CLOSE, len(THINK_OPEN))
+    while i != -1:
+        j = i + len(THINK_CLOSE)
+        while j < len(text) and text[j].isspace():
+            j += 1
+        if text.startswith(ANSWER_OPEN, j) and j + len(ANSWER_OPEN) <= last:
+            return 1.0
+        i = text.find(THINK_CLOSE, i + 1)
+    return 0.0
 
 
 ACCURACY_FNS = {"strict": strict_accuracy, "official": official_accuracy}
-assert tuple(ACCURACY_FNS) == REWARD_MODES
+FORMAT_FNS = {"strict": format_reward, "official": official_format}
+assert tuple(ACCURACY_FNS) == tuple(FORMAT_FNS) == REWARD_MODES
 
 
 # -----------------------------------------------------------------------------
@@ -183,7 +208,7 @@ def score(response, ground_truth, mode="strict", acc_weight=0.9, fmt_weight=0.1)
     """R = acc_weight * accuracy + fmt_weight * format (release: 0.9 / 0.1). Never raises on content."""
     if mode not in REWARD_MODES:
         raise ValueError(f"mode must be one of {REWARD_MODES}, got {mode!r}")
-    fmt = format_reward(response)
+    fmt = FORMAT_FNS[mode](response)
     acc = ACCURACY_FNS[mode](response, ground_truth)
     return {"overall": acc_weight * acc + fmt_weight * fmt, "format": fmt, "accuracy": acc}
 

@@ -1,4 +1,4 @@
-"""Stage 1 of Fine-R1: CoT supervised fine-tuning (paper section 3.2; REFERENCE.md sections 1, 3, 4).
+"""Stage 1 of Fine-R1: CoT supervised fine-tuning (paper section 3.2; README "Release facts").
 
 The policy learns to answer with a structured rationale, `<think> visual analysis -> candidates -> comparison
 -> prediction </think>\\n\\n<answer>LABEL</answer>`, by teacher forcing on the release's Stage-1 JSON. The same
@@ -73,8 +73,8 @@ from tqdm import tqdm
 
 import distributed
 import training
-from data import SYSTEM_PROMPT_R1, DataError, chat_messages, encode_prompts, encode_responses, join_prompt_response, \
-    length_grouped_batches, load_image, load_stage1, parse_data_spec
+from data import SYSTEM_PROMPT_R1, DataError, chat_messages, count_image_tokens, encode_prompts, encode_responses, \
+    join_prompt_response, length_grouped_batches, load_image, load_stage1, parse_data_spec
 from policy import load_policy, newest_checkpoint, token_logprobs
 
 EMBEDDED_DATA = Path("out/world")  # the embedded world (python world.py --out out/world)
@@ -86,14 +86,17 @@ RUNS = {"pretrain": Path("out/base"), "cot": Path("out/sft_cot"), "nocot": Path(
 # batch 16 (beat 32 at equal epochs). cot / nocot: about 300 steps on the 90 SFT samples (each seen image asked
 # under the RL, open and closed prompts: the tiny model follows only prompts it was trained on).
 WORLD = {
-    "pretrain": dict(lr=1e-3, warmup_steps=50, epochs=8, batch_size=16, micro_batch=8, max_length=512),
-    "cot": dict(lr=1e-3, warmup_steps=10, epochs=27, batch_size=8, micro_batch=8, max_length=512),
-    "nocot": dict(lr=1e-3, warmup_steps=10, epochs=27, batch_size=8, micro_batch=8, max_length=512),
+    "pretrain": dict(lr=1e-3, warmup_steps=50, epochs=8, batch_size=16, micro_batch=8, max_length=512,
+                     min_pixels=0, max_pixels=0),
+    "cot": dict(lr=1e-3, warmup_steps=10, epochs=27, batch_size=8, micro_batch=8, max_length=512,
+                min_pixels=0, max_pixels=0),
+    "nocot": dict(lr=1e-3, warmup_steps=10, epochs=27, batch_size=8, micro_batch=8, max_length=512,
+                  min_pixels=0, max_pixels=0),
 }
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configuration: the argparse defaults are the released SFT script's values (REFERENCE.md section 3)
+# Configuration: the argparse defaults are the released SFT script's values (README "Release facts")
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +142,10 @@ def get_args(argv=None):
                     "micro-batches together (release: 64 = 4 GPUs x 4 x accumulation 4; world: 16 pretrain, 8 SFT)")
     ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass per rank; gradient "
                     "accumulation covers the rest of the batch; at most --batch-size (release: 4; world: 8)")
+    ap.add_argument("--min-pixels", type=int, default=32 * 32, help="images smaller than this are scaled up first "
+                    "(release, LLaMA-Factory image_min_pixels: 1024; world: 0 = off)")
+    ap.add_argument("--max-pixels", type=int, default=768 * 768, help="images larger than this are scaled down "
+                    "first (release image_max_pixels: 589824; world: 0 = off)")
     ap.add_argument("--max-length", type=int, default=4096, help="tokens per sample (prompt + response); longer "
                     "responses are truncated (release cutoff: 4096; world: 512)")
     ap.add_argument("--length-grouping", choices=["micro", "global", "none"], default="micro",
@@ -206,17 +213,10 @@ def load_mixture(spec, variant="cot", image_root=None, seed=0):
     return samples
 
 
-def image_tokens(processor, path):
-    """LLM tokens of an image after Qwen2.5-VL's resize and 2x2 merge (header read only)."""
-    ip = processor.image_processor
-    with Image.open(path) as im:
-        w, h = im.size
-    return ip.get_number_of_image_patches(h, w) // ip.merge_size ** 2
-
-
-def tokenize(samples, processor, system, max_length):
-    """(prompt_lens, resp_ids): exact prompt lengths (image tokens included) and response ids + <|im_end|>,
-    responses truncated so that prompt + response <= max_length (the release's cutoff_len)."""
+def tokenize(samples, processor, system, max_length, pixels=(None, None)):
+    """(prompt_lens, resp_ids): exact prompt lengths (image tokens after the pixel budget (min, max) included)
+    and response ids + <|im_end|>, responses truncated so that prompt + response <= max_length (the release's
+    cutoff_len). A prompt that alone reaches max_length is a DataError naming the sample."""
     tok = processor.tokenizer
     resp = encode_responses(tok, [s.answer for s in samples])
     cache, prompt_lens, truncated = {}, [], 0
@@ -226,9 +226,10 @@ def tokenize(samples, processor, system, max_length):
             text = processor.apply_chat_template(chat_messages(s.question, s.image is not None, system),
                                                  tokenize=False, add_generation_prompt=True)
             cache[key] = len(tok(text, add_special_tokens=False)["input_ids"])
-        n = cache[key] + (image_tokens(processor, s.image) - 1 if s.image else 0)  # one <|image_pad|> -> n
+        n = cache[key] + (count_image_tokens(processor, s.image, *pixels) - 1 if s.image else 0)  # 1 pad -> n
         if n >= max_length:
-            raise DataError(f"{s.source}: the prompt alone is {n} tokens, --max-length is {max_length}")
+            raise DataError(f"{s.source}: the prompt alone is {n} tokens (image {s.image}), --max-length is "
+                            f"{max_length}; lower --max-pixels or raise --max-length")
         if n + len(resp[i]) > max_length:
             resp[i], truncated = resp[i][:max_length - n], truncated + 1
         prompt_lens.append(n)
@@ -290,7 +291,8 @@ def micro_batch_cost(idxs, prompt_lens, resp_ids):
     return real, width * len(idxs)
 
 
-def encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, system, device, need_image=False):
+def encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, system, device, need_image=False,
+                       pixels=(None, None)):
     """Teacher-forcing batch of samples `idxs` (data.py's shared chat construction), on `device`.
 
     need_image: a micro-batch of text-only samples gets one extra row, a blank 56x56 image with an empty,
@@ -299,7 +301,7 @@ def encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, system, 
     micro-batch is text-only would gather the vision tower after the decoder layers (policy's dummy vision
     forward) while a rank with images gathers it before them: a collective mismatch (measured: gloo abort).
     """
-    images = [load_image(samples[i].image) if samples[i].image else None for i in idxs]
+    images = [load_image(samples[i].image, None, *pixels) if samples[i].image else None for i in idxs]
     texts, resp = [samples[i].question for i in idxs], [resp_ids[i] for i in idxs]
     if need_image and all(im is None for im in images):
         images, texts, resp = images + [Image.new("RGB", (56, 56))], texts + [""], resp + [[]]
@@ -368,9 +370,10 @@ def main(argv=None):
     if resume is None and args.model is None:
         raise SystemExit(f"sft.py: nothing to start from: no --model and no checkpoint in {out}")
     model, processor = load_policy(resume or args.model, seed=args.seed)
+    pixels = (args.min_pixels, args.max_pixels)  # the release's pre-resize, before the processor's own
     try:
         samples = load_mixture(args.data, args.variant, args.image_root, args.seed)
-        prompt_lens, resp_ids, truncated = tokenize(samples, processor, system, args.max_length)
+        prompt_lens, resp_ids, truncated = tokenize(samples, processor, system, args.max_length, pixels)
     except DataError as e:
         raise SystemExit(f"sft.py: bad data: {e}")
     keys = grouping_keys(prompt_lens, resp_ids)
@@ -429,7 +432,7 @@ def main(argv=None):
 
         # ---- forward / backward over this rank's micro-batches
         mine = [(encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb or batch[:1], system,
-                                    dist.device, need_image=dist.world > 1), 1.0 if mb else 0.0)
+                                    dist.device, need_image=dist.world > 1, pixels=pixels), 1.0 if mb else 0.0)
                 for mb in plan[dist.rank]]
         lr = args.lr * cosine_with_warmup(step, args.warmup_steps, total)
         nll = forward_backward(model, mine, n_step, dist.world, autocast)

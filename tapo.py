@@ -7,13 +7,13 @@ DAPO (clip-higher, dynamic sampling, token-level loss) with two additions built 
 
     python tapo.py                                   # embedded world, from the newest CoT-SFT checkpoint
     torchrun --nproc_per_node 8 tapo.py --model ckpt/fine-r1-sft-7b --data data/rl_train.jsonl \\
-        --image-root data --parallel fsdp --grad-checkpointing --rollout-batch 192 --update-batch 64
+        --image-root data --parallel fsdp --grad-checkpointing --rollout-batch 192 --update-batch 64 --epochs 5
 
 One RL step: prompts -> rollouts -> rewards + dynamic sampling -> old / negative log-probs -> advantages ->
 clipped update over mini-batches -> log -> save. Each objective term is a small function below with its
 equation; tests/test_tapo.py checks them on hand-computed numbers.
 
-Deviations and choices (REFERENCE.md section 2 "Δ"):
+Deviations and choices (README "Deviations (Δ)"):
  1. Δ1 `--intra-condition positive` (default, release): positive rollouts' old/new log-probs are computed on
     x_pos, the image they were sampled from; `anchor` (paper) scores them on x.
  2. Δ2 the inter-class term is the release's token-level k3 estimate of KL(pi_theta || pi_neg), clamped
@@ -24,11 +24,15 @@ Deviations and choices (REFERENCE.md section 2 "Δ"):
  4. Δ5 no reference-model KL by default (`--kl-ref` > 0 adds a k3 KL to the frozen initial policy).
  5. Δ6 the loss is a token-level mean over ALL response tokens of the mini-batch, across its micro-batches
     and across ranks (the paper's 1 / sum_i |o_i|); the release averaged per micro-batch of 4 sequences.
- 6. Δ7 dynamic sampling stops after `--max-retries` (paper: 20; release: unlimited). If no group survives,
-    the step makes no update and says so in the log (`kept 0`).
+ 6. Δ7 dynamic sampling stops after `--max-retries` (paper: 20; release: unlimited); each try draws a full
+    mini rollout batch, as the release. If no group survives, the step makes no update and says so in the log
+    (`kept 0`); the release instead keeps a try in which nothing survived (`--keep-unfiltered`).
  7. Δ10 `--reward strict` (default) does not reward answers listing several classes; `official` is the
-    release's substring check.
- 8. Dual-clip C = 3 (release default, not in the paper) for negative advantages.
+    release's reward exactly (substring accuracy, its format regex).
+ 8. As the release: dual-clip C = 3 for negative advantages (not in the paper); the log-ratio clamped to
+    [-20, 20] before exp; an optimizer step whose gradient norm is not finite is skipped (logged `skipped`);
+    images pre-resized into 200,704-1,003,520 px; overlong prompts dropped at start; run length from
+    `--epochs` by the release's formula (release_steps).
 """
 import argparse
 import json
@@ -44,8 +48,8 @@ from tqdm import tqdm
 import distributed
 import training
 from data import SYSTEM_PROMPT_R1, RowStream, encode_prompts, join_prompt_response, load_stage2, load_triplet, \
-    rl_prompt, stack_prompts
-from policy import load_policy, newest_checkpoint, token_logprobs, vision_token_ids
+    prompt_length, rl_prompt, stack_prompts
+from policy import load_policy, newest_checkpoint, stop_token_ids, token_logprobs, vision_token_ids
 from reward import score
 from rollout import decode, generate
 
@@ -53,17 +57,19 @@ EMBEDDED_DATA = Path("out/world")   # the embedded world (python world.py --out 
 EMBEDDED_SFT = Path("out/sft_cot")  # the main job's CoT-SFT run: the default policy to start from
 # The embedded world's values (--defaults world), measured on a 2-core CPU with the tiny preset. The tiny policy
 # needs a far larger lr than a 3B model (at 2e-5 no ratio left the clip range in 15 steps).
-WORLD = dict(max_new_tokens=160, rollout_batch=16, update_batch=8, micro_batch=16, max_steps=20, lr=1e-4)
+# Its 112 x 112 images stay as they are (no pixel budget: the release's minimum would make them 448 x 448).
+WORLD = dict(max_new_tokens=160, rollout_batch=16, update_batch=8, micro_batch=16, max_steps=20, lr=1e-4,
+             min_pixels=0, max_pixels=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configuration: the argparse defaults are the released 3B script's values (REFERENCE.md section 3)
+# Configuration: the argparse defaults are the released 3B script's values (README "Release facts")
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
     # Model and data
-    add("--model", help=f"HF folder or preset (tiny/small); default: newest checkpoint in {EMBEDDED_SFT} (main job's SFT)")
+    add("--model", help=f"HF folder or preset (tiny/small); default: newest checkpoint in {EMBEDDED_SFT}")
     add("--data", help="Stage-2 JSONL (images, problem, answer, image_noisy, image_aug) or a folder holding "
         f"rl_train.jsonl (an embedded world); default {EMBEDDED_DATA}")
     add("--image-root", help="folder that relative image paths start from (default: the data file's folder)")
@@ -83,12 +89,24 @@ def get_args(argv=None):
     add("--temperature", type=float, default=1.0, help="sampling temperature (release: 1.0)")
     add("--top-p", type=float, default=0.99, help="nucleus sampling (release: 0.99)")
     add("--max-new-tokens", type=int, default=2048, help="response cap (release: 2048 applied, Δ9; world: 160)")
+    add("--min-pixels", type=int, default=256 * 28 * 28, help="anchor images smaller than this are scaled up, "
+        "as the release (config_tapo.yaml: 200704; world: 0 = off)")
+    add("--max-pixels", type=int, default=1280 * 28 * 28, help="anchor images larger than this are scaled down "
+        "(release: 1003520; world: 0 = off)")
+    add("--max-prompt-length", type=int, default=2048, help="rows whose prompt (image tokens included) is longer "
+        "are skipped at start and counted, as EasyR1's filter_overlong_prompts (its example config: 2048)")
     # Batches, in groups (a prompt's n1 + n2 rollouts), all ranks together; dynamic sampling
     add("--rollout-batch", type=int, default=384, help="groups per RL step (release 3B: 384, 7B: 192; world: 16)")
     add("--update-batch", type=int, default=128, help="groups per optimizer step (release 3B: 128, 7B: 64; world: 8)")
     add("--micro-batch", type=int, default=4, help="sequences per forward pass per rank (release: 4; world: 16)")
-    add("--max-retries", type=int, default=20, help="extra prompt draws to refill filtered groups (paper: 20, Δ7)")
-    add("--max-steps", type=int, help="RL steps (default: 10 epochs of the data, release 3B; world: 20)")
+    add("--mini-rollout-batch", type=int, help="groups drawn per dynamic-sampling try, all ranks (default: "
+        "--rollout-batch, EasyR1's default); a retry draws this many again, as the release")
+    add("--max-retries", type=int, default=20, help="extra draws to refill filtered groups (paper: 20, Δ7)")
+    add("--keep-unfiltered", action="store_true", help="the release's quirk: a try in which no group survives "
+        "the filter is kept whole (zero advantages, but KL and entropy terms still train); default: dropped")
+    add("--epochs", type=float, default=10, help="passes over the data when --max-steps is not given, with the "
+        "release's step count (see release_steps; release 3B: 10, 7B: 5)")
+    add("--max-steps", type=int, help="RL steps; overrides --epochs (world: 20)")
     add("--max-minutes", type=float, help="stop cleanly (and save) after this many minutes")
     # Objective (Eq. 1-4)
     add("--eps-low", type=float, default=0.2, help="lower clip (DAPO: 0.2)")
@@ -141,8 +159,32 @@ def get_args(argv=None):
     return args
 
 
+def check_batch_sizes(args, world):
+    """Refuse at start what can never fill a step: every global batch must split evenly over the ranks."""
+    for flag, n in (("--rollout-batch", args.rollout_batch), ("--update-batch", args.update_batch),
+                    ("--mini-rollout-batch", args.mini_rollout_batch or args.rollout_batch)):
+        if n % world:
+            raise SystemExit(f"tapo.py: {flag} {n} is not a multiple of the {world} ranks: each rank holds {flag} "
+                             f"/ {world} groups, so the batch could never fill; use a multiple of {world}")
+
+
+def release_steps(n_rows, update_batch, rollout_batch, epochs):
+    """The release's run length (EasyR1): the data is cut to whole mini-batches, then to whole RL steps, per
+    epoch: floor(floor(N / update) * update / rollout) * epochs. 1,808 rows: 40 steps at 3B (128 / 384, 10
+    epochs), 45 at 7B (64 / 192, 5 epochs). At least 1."""
+    per_epoch = (n_rows // update_batch * update_batch) // rollout_batch
+    return max(1, int(per_epoch * epochs))
+
+
+def within_prompt_cap(rows, processor, system, args):
+    """(rows whose RL prompt fits --max-prompt-length, number skipped): EasyR1 drops overlong prompts at load."""
+    keep = [r for r in rows if prompt_length(processor, rl_prompt(r.problem), r.image, system, args.min_pixels,
+                                             args.max_pixels) <= args.max_prompt_length]
+    return keep, len(rows) - len(keep)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The objective, one equation per function (REFERENCE.md section 2)
+# The objective, one equation per function (README "Release facts")
 
 def group_advantages(rewards, eps=1e-6):
     """Eq. 2: A_i = (R_i - mean_g R) / (std_g R + eps), unbiased std over the n1 + n2 rollouts of a group.
@@ -157,10 +199,12 @@ def group_advantages(rewards, eps=1e-6):
 def clipped_surrogate(lp, old, adv, eps_low=0.2, eps_high=0.28, dual_clip=3.0):
     """Eq. 1 (DAPO clip-higher + dual-clip), per token: the loss to MINIMISE.
 
-    rho = exp(lp - old); l = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high));
+    rho = exp(clamp(lp - old, -20, 20)); l = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high));
     for A < 0 additionally l = min(l, -A C) (dual clip). Returns (loss (..), clipped (..) bool, dual (..) bool).
+    The log-ratio clamp is the release's guard: without it one token with lp - old = 100 gives exp = inf and NaN
+    gradients for its whole micro-batch, even where A = 0.
     """
-    ratio = torch.exp(lp - old)
+    ratio = torch.exp(torch.clamp(lp - old, -20.0, 20.0))
     l1 = -adv * ratio
     l2 = -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     loss = torch.maximum(l1, l2)
@@ -253,10 +297,10 @@ class Sample:
     weight: float = 1.0
 
 
-def encode_group(processor, row, system):
-    """A Group with the RL prompt encoded once on each of the triplet's images (positive and negative are
-    resized to the anchor's size, so the three prompts have the same tokens and M-RoPE positions)."""
-    images = load_triplet(row)
+def encode_group(processor, row, system, min_pixels=None, max_pixels=None):
+    """A Group with the RL prompt encoded once on each of the triplet's images (the anchor in the pixel budget,
+    positive and negative resized to its size, so the three prompts have the same tokens and M-RoPE positions)."""
+    images = load_triplet(row, min_pixels, max_pixels)
     text = rl_prompt(row.problem)
     sides = ("anchor", "positive", "negative")
     return Group(row, {s: encode_prompts(processor, [im], [text], system) for s, im in zip(sides, images)})
@@ -265,8 +309,8 @@ def encode_group(processor, row, system):
 def sample_groups(model, processor, rows, args, system, seed_base):
     """Phase 2: n1 rollouts on each anchor and n2 on its positive, scored by the reward. -> ([Group], tokens)."""
     tok = processor.tokenizer
-    stop = [tok.convert_tokens_to_ids("<|im_end|>")] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-    groups = [encode_group(processor, r, system) for r in rows]
+    stop = stop_token_ids(model, tok)  # every eos of the generation config, as vLLM / HF generate
+    groups = [encode_group(processor, r, system, args.min_pixels, args.max_pixels) for r in rows]
     n_tok = 0
     for side, n, offset in (("anchor", args.n1, 0), ("positive", args.n2, 500)):
         if n == 0:
@@ -315,18 +359,24 @@ def rl_batches(model, ref, processor, prompts, args, system, dist, step):
     """Phases 1-5 of each RL step, as an endless generator: yields (samples of this rank, stats) with old /
     negative / reference log-probs, advantages and weights filled in; the training loop only updates."""
     pad = processor.tokenizer.pad_token_id
-    per_rank = max(1, args.rollout_batch // dist.world)
+    per_rank = args.rollout_batch // dist.world                      # groups this rank keeps per step
+    per_try = (args.mini_rollout_batch or args.rollout_batch) // dist.world  # prompts this rank draws per try
     while True:
-        # ---- 1-3. prompts, rollouts, dynamic sampling (Δ7: drop all-right / all-wrong groups, <= max_retries)
+        # ---- 1-3. prompts, rollouts, dynamic sampling (Δ7: drop all-right / all-wrong groups, <= max_retries);
+        # every try draws a full mini rollout batch, as the release, and keeps what fits
         model.eval()
         kept, drawn, retries, n_tok, t0 = [], [], 0, 0, time.time()
         for attempt in range(args.max_retries + 1):
-            rows = prompts.take(per_rank if attempt == 0 else max(1, per_rank - len(kept)))
+            rows = prompts.take(per_try)
             seed_base = ((args.seed * 1_000_003 + step) * 1_000_003 + attempt * 4099 + dist.rank) * 100_000
             groups, nt = sample_groups(model, processor, rows, args, system, seed_base)
             drawn += groups
             n_tok += nt
-            kept += [g for g in groups if 0.01 < g.accuracy() < 0.99][:per_rank - len(kept)]
+            survivors = [g for g in groups if 0.01 < g.accuracy() < 0.99]
+            # collective (only with the flag, the same on every rank): did any group of this try survive anywhere?
+            if args.keep_unfiltered and distributed.all_sum(float(len(survivors))) == 0:
+                survivors = groups  # the release's quirk: nothing survived, so the whole try is kept
+            kept += survivors[:per_rank - len(kept)]
             # collective: every rank learns the global kept count, so all ranks retry (or stop) together
             if distributed.all_sum(float(len(kept))) >= args.rollout_batch or attempt == args.max_retries:
                 break
@@ -422,21 +472,25 @@ def update(model, opt, samples, args, dist, pad_id):
     n_micro = distributed.all_max(torch.tensor([math.ceil(len(mini) / args.micro_batch) for mini in minis],
                                                dtype=torch.float64))
     coef, sums, gnorm, updates = loss_coefficients(args), torch.zeros(len(LOSS_STATS), dtype=torch.float64), 0.0, 0
+    skipped = 0
     for mini, nt, nm in zip(minis, n_tok.tolist(), n_micro.tolist()):
         if nt == 0:
             continue  # nothing survived anywhere: no update (logged as kept 0)
         sums += accumulate_grads(model, mini, int(nm), nt, coef, args, pad_id, dist.world)
-        gnorm = training.clip_grad_norm(model, args.grad_clip)
-        opt.step()
+        gnorm = training.clip_grad_norm(model, args.grad_clip)  # the same value on every rank
+        if math.isfinite(gnorm):
+            opt.step()
+            updates += 1
+        else:
+            skipped += 1  # as the release: a non-finite gradient norm skips the optimizer step (logged)
         opt.zero_grad(set_to_none=True)
-        updates += 1
-    return sums, gnorm, updates
+    return sums, gnorm, updates, skipped
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The log: this rank's sums stacked in one tensor, one all-reduce
 
-def step_metrics(step, samples, stats, sums, gnorm, updates, t_step, n2):
+def step_metrics(step, samples, stats, sums, gnorm, updates, skipped, t_step, n2):
     rollouts = [s for g in stats["drawn"] for s in g.samples]
     anchor = [s for s in rollouts if s.side == "anchor"]
     positive = [s for s in rollouts if s.side == "positive"]
@@ -451,7 +505,8 @@ def step_metrics(step, samples, stats, sums, gnorm, updates, t_step, n2):
     ntok = max(1.0, ls["tokens"])
     return dict(step=step, reward=reward / max(1, n), acc=acc / max(1, n), acc_anchor=acc_a / max(1, n_a),
                 acc_positive=acc_p / max(1, n_p) if n2 else None, format=fmt / max(1, n), kept=kept,
-                drawn=drawn, kept_frac=kept / max(1, drawn), retries=stats["retries"], updates=updates, loss=ls["loss"] / ntok,
+                drawn=drawn, kept_frac=kept / max(1, drawn), retries=stats["retries"], updates=updates, skipped=skipped,
+                loss=ls["loss"] / ntok,
                 pg=ls["pg"] / ntok, kl_neg=ls["k"] / ntok, kl_neg_clamped=ls["k_clamped"] / ntok,
                 entropy=ls["ent"] / ntok, clip_frac=ls["clip"] / ntok, dual_clip_frac=ls["dual"] / ntok,
                 len=length / max(1, n), trunc=trunc / max(1, n),
@@ -465,7 +520,8 @@ def log_line(m, max_steps, n2):
             f"{int(m['kept'])}/{int(m['drawn'])} retries {m['retries']} | "
             f"kl_neg {m['kl_neg']:.4f} | ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | len {m['len']:.0f} | "
             f"gap {m['lp_gap']:.1e} | {m['rollout_tok_s']:.0f} tok/s | {m['step_s']:.1f} s"
-            + (f" | no group survived after {m['retries']} retries: no update" if m["kept"] == 0 else ""))
+            + (f" | no group survived after {m['retries']} retries: no update" if m["kept"] == 0 else "")
+            + (f" | {m['skipped']} update(s) skipped: non-finite gradient norm" if m["skipped"] else ""))
 
 
 def write_samples(out, step, drawn):
@@ -498,7 +554,10 @@ def main(argv=None):
             raise SystemExit("tapo.py: --kl-ref needs --model (the frozen reference policy)")
         ref = load_policy(args.model, dtype=torch.float32)[0].to(dist.device).eval().requires_grad_(False)
     opt = training.build_optimizer(model, args.lr, args.weight_decay, decay_1d=True)  # release: AdamW on all
-    rows = load_stage2(args.data, args.image_root)
+    check_batch_sizes(args, dist.world)
+    rows, too_long = within_prompt_cap(load_stage2(args.data, args.image_root), processor, system, args)
+    if not rows:
+        raise SystemExit(f"tapo.py: every row of {args.data} is longer than --max-prompt-length {args.max_prompt_length}")
     prompts = RowStream(rows, args.seed, dist.rank, dist.world)
     state = training.restore(resume, model, opt, dist) or dict(step=0)
     step = state["step"]
@@ -506,12 +565,13 @@ def main(argv=None):
         ps = state["prompts"]
         prompts.load(ps[dist.rank] if len(ps) == dist.world else ps[0])
         changed = training.changed_settings(state.get("args", {}), args)
-        dist.print(f"resumed from {resume} at step {step}" + (f"; changed settings (saved, now): {changed}" if changed else ""))
-    max_steps = args.max_steps or math.ceil(10 * len(rows) / args.rollout_batch)  # release: 10 epochs
+        dist.print(f"resumed from {resume} at step {step}" + (f"; changed (saved, now): {changed}" if changed else ""))
+    max_steps = args.max_steps or release_steps(len(rows), args.update_batch, args.rollout_batch, args.epochs)
     if dist.master:
         out.mkdir(parents=True, exist_ok=True)
         print("config:", json.dumps(vars(args), sort_keys=True), flush=True)
-        print(f"tapo: {len(rows)} rows from {args.data}; model {resume or args.model}; world {dist.world} "
+        print(f"tapo: {len(rows)} rows from {args.data} ({too_long} skipped: prompt over --max-prompt-length); "
+              f"model {resume or args.model}; world {dist.world} "
               f"({parallel}); {max_steps} steps; defaults {args.defaults}", flush=True)
 
     # ---- loop: each step takes one ready batch of rollouts and updates on it
@@ -522,9 +582,9 @@ def main(argv=None):
     while step < max_steps:
         t_step = time.time()
         samples, stats = next(batches)
-        sums, gnorm, updates = update(model, opt, samples, args, dist, pad)
+        sums, gnorm, updates, skipped = update(model, opt, samples, args, dist, pad)
         step += 1
-        m = step_metrics(step, samples, stats, sums, gnorm, updates, t_step, args.n2)
+        m = step_metrics(step, samples, stats, sums, gnorm, updates, skipped, t_step, args.n2)
         if dist.master:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")

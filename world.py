@@ -573,7 +573,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
             # one image and rationale per seen class, asked under each prompt the later stages use (TAPO's RL
             # prompt, the open- and closed-world eval prompts): the tiny model does not transfer across prompt
             # wordings the way Qwen2.5-VL-Instruct does (README, "The embedded world")
-            prompts = [rl_prompt(meta["domains"][d]["question"]), open_prompt(q),
+            prompts = [rl_prompt("<image> " + meta["domains"][d]["question"]), open_prompt(q),
                        closed_prompt(q, [o.name for o in cands])]
             for p in prompts:
                 user = {"role": "user", "content": "<image>" + p}

@@ -2,7 +2,7 @@
 
 A random tiny policy never answers correctly, so every group would be filtered. Here the accuracy of a
 rollout is 1 for every other rollout on rank 0 (its groups survive) and 0 on other ranks (all filtered),
-unless FAKE_REWARD=all-alternate, which makes every rank's groups survive.
+unless FAKE_REWARD=all-alternate, which makes every rank's groups survive, or FAKE_REWARD=all-wrong (none do).
 """
 import os
 import sys
@@ -17,7 +17,8 @@ _count = [0]
 def fake_score(response, ground_truth, mode="strict", acc_weight=0.9, fmt_weight=0.1):
     rank = int(os.environ.get("RANK", 0))
     _count[0] += 1
-    alternate = rank == 0 or os.environ.get("FAKE_REWARD") == "all-alternate"
+    mode = os.environ.get("FAKE_REWARD")
+    alternate = (rank == 0 or mode == "all-alternate") and mode != "all-wrong"
     acc = float(alternate and _count[0] % 2 == 0)
     return {"overall": acc_weight * acc, "format": 0.0, "accuracy": acc}
 

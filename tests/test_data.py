@@ -85,7 +85,7 @@ def test_relative_paths_resolve_against_the_file_folder_or_image_root(imgs, tmp_
         data.load_stage2(sub / "rl.jsonl")
     row = data.load_stage2(sub / "rl.jsonl", image_root=imgs)[0]
     assert (row.image, row.positive, row.negative) == tuple(str(imgs / n) for n in ("a.png", "b.png", "c.png"))
-    assert row.problem == "Based on this image, what species of bird is shown?" and row.source == "rl.jsonl:1"
+    assert row.problem == "<image> Based on this image, what species of bird is shown?" and row.source == "rl.jsonl:1"
 
 
 def test_stage1_text_only_samples(tmp_path):
@@ -153,7 +153,8 @@ def test_load_triplet_resizes_positive_and_negative_to_the_anchor(tmp_path):
 # Prompts and chat
 
 def test_release_prompts():
-    """closed / open / RL prompts are the release's templates ({Options} is the list repr)."""
+    """closed / open / RL prompts are the release's templates ({Options} is the list repr; the RL text keeps
+    the space after <image>, as EasyR1's split at the image token does)."""
     q, opts = "What kind of bird is this?", ["Vesper Finch", "Oswin Wren"]
     assert data.closed_prompt(q, opts) == (
         "Given the question: What kind of bird is this?, based on the options provided in ['Vesper Finch', "
@@ -163,7 +164,7 @@ def test_release_prompts():
                                    "question. Output reasoning in <think></think> and the final answer in "
                                    "<answer></answer>.")
     assert data.rl_prompt("<image> Based on this image, what species of bird is shown?") == (
-        "Based on this image, what species of bird is shown?\n\nYou first think through the reasoning process "
+        " Based on this image, what species of bird is shown?\n\nYou first think through the reasoning process "
         "as an internal monologue, enclosed within <think> </think> tags. Then, provide your final answer "
         "enclosed within <answer> </answer> tags.")
 
@@ -278,7 +279,7 @@ def test_builder_split_and_files_parse(built):
     assert len(rl) == 5 * 3 and len(seen) == 5 * 3 and len(unseen) == 3 * 6
     assert {r.answer for r in rl} == set(split["seen"]) and {i.ground_truth for i in unseen} == set(split["unseen"])
     assert not {r.image for r in rl} & {i.image for i in seen}
-    assert rl[0].problem == "Based on this image, what species of bird is shown?"
+    assert rl[0].problem == "<image> Based on this image, what species of bird is shown?"
     assert "Red Bird" in split["seen"] + split["unseen"]  # "001.Red_Bird" -> "Red Bird"
 
 
@@ -317,3 +318,24 @@ def test_builder_with_policy_vision_features(folder, tmp_path, tiny):
     paths = imagefolder.build_from_image_folder(folder, tmp_path, model, proc, seed=0, shots=2, test_per_class=1)
     assert len(data.load_stage2(paths["rl_train"])) == 5 * 2
     assert all(len(i.options) == 4 for i in data.load_eval(paths["unseen"]))
+
+
+@pytest.mark.parametrize("size, lo, hi, expected", [
+    ((112, 112), 200704, 1003520, (448, 448)),      # CUB-sized images are scaled UP to the RL minimum
+    ((2000, 1500), 200704, 1003520, (1156, 867)),  # large images DOWN into the maximum, sides truncated
+    ((640, 480), 200704, 1003520, (640, 480)),     # inside the budget: untouched
+    ((2000, 1500), None, 589824, (886, 665)),      # the release's SFT cap
+])
+def test_pixel_budget_is_the_releases(size, lo, hi, expected):
+    """pixel_budget_size scales by sqrt(budget / area) and truncates each side, as EasyR1 / LLaMA-Factory do."""
+    assert data.pixel_budget_size(*size, lo, hi) == expected
+
+
+def test_triplet_follows_the_anchor_budget(tmp_path):
+    """The anchor is resized into the budget; positive and negative to the anchor's size."""
+    for name, wh in (("a.png", (100, 60)), ("p.png", (80, 80)), ("n.png", (300, 200))):
+        Image.new("RGB", wh).save(tmp_path / name)
+    row = data.RLRow(image=str(tmp_path / "a.png"), positive=str(tmp_path / "p.png"), negative=str(tmp_path / "n.png"),
+                     problem="<image> q", answer="x", source="t")
+    a, p, n = data.load_triplet(row, min_pixels=24000, max_pixels=None)
+    assert a.size == (200, 120) and p.size == n.size == a.size

@@ -124,3 +124,19 @@ def test_image_embeddings_shape(tiny):
     model, proc = tiny
     e = image_embeddings(model, proc, [random_image(112, 112, 0), random_image(168, 112, 1)])
     assert e.shape == (2, model.config.text_config.hidden_size) and torch.isfinite(e).all()
+
+
+def test_stop_ids_cover_every_generation_config_eos(tiny):
+    """Rollouts stop on every eos of generation_config (Qwen2.5-VL lists <|im_end|> and <|endoftext|>)."""
+    from policy import stop_token_ids
+    model, proc = tiny
+    tok = proc.tokenizer
+    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = [im_end, eot]
+        assert set(stop_token_ids(model, tok)) == {im_end, eot}
+        model.generation_config.eos_token_id = im_end
+        assert stop_token_ids(model, tok) == [im_end]
+    finally:
+        model.generation_config.eos_token_id = saved

@@ -224,7 +224,7 @@ def test_official_release_details():
     assert score(f"<think>{GT}</think> {GT}", GT, mode="official")["accuracy"] == 0.0  # no tag: 0 for RL
     assert score(f"<answer>{OTHER}</answer><answer>{GT}</answer>", GT, mode="official")["accuracy"] == 0.0
     assert score(f"< answer > {GT} </ answer >", GT, mode="official")["accuracy"] == 1.0
-    assert score(wrap(GT), "", mode="official")["accuracy"] == 0.0
+    assert score(wrap(GT), "", mode="official")["accuracy"] == 1.0  # the release: "" in answer
     assert score(wrap("Black_footed"), "black_footed", mode="official")["accuracy"] == 1.0
 
 
@@ -246,6 +246,40 @@ def test_official_matches_release_oracle():
     responses += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
     for response in responses:
         assert reward.official_accuracy(response, GT) == release_accuracy(response, GT), repr(response)
+
+
+def release_format(response):
+    """Oracle: format_reward of the release's cls_thinking.py, as written (after its tag-space clean-up)."""
+    response = re.sub(r"\s*(<|>|/)\s*", r"\1", response)
+    return 1.0 if re.fullmatch(re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL), response) else 0.0
+
+
+@pytest.mark.parametrize("response, expected", [
+    (f"< think >x</ think ><answer>{GT}</answer>", 1.0),            # spaced tags are cleaned first
+    (f"<think>a</think><answer>b</answer><answer>{GT}</answer>", 0.1),  # duplicated answer blocks: format 1
+    (f"<think>a<think>b</think></think><answer>{GT}</answer>", 1.0),  # nested think
+    (f"\n<think>a</think>\n\n<answer>{GT}</answer>\n", 1.0),       # whitespace at the ends, next to tags
+    (f"x<think>a</think><answer>{GT}</answer>", 0.9),                # text before <think>: no format
+    (f"<think>a</think><answer>{GT}</answer>.", 0.9),                # text after </answer>: no format
+])
+def test_official_reward_is_the_release_reward(response, expected):
+    """--reward official gives the release's total reward (0.9 acc + 0.1 format) on hand-written strings."""
+    assert score(response, GT, mode="official")["overall"] == pytest.approx(expected)
+    assert score(response, GT, mode="official")["format"] == release_format(response)
+
+
+def test_official_format_matches_release_oracle():
+    """official_format equals the release's fullmatch on random tag soups (it runs in linear time instead)."""
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", "< think >", "</ answer>", " ", "\n", "/", "a", GT]
+    rng = random.Random(1)
+    for _ in range(20000):
+        response = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        assert reward.official_format(response) == release_format(response), repr(response)
+
+
+def test_strict_format_rejects_duplicated_blocks():
+    """Strict mode keeps counting tags: a duplicated answer block has no format reward."""
+    assert score(f"<think>a</think><answer>b</answer><answer>{GT}</answer>", GT)["format"] == 0.0
 
 
 # -----------------------------------------------------------------------------

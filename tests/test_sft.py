@@ -209,3 +209,12 @@ def test_epoch_batches_cover_every_sample_once():
 def test_mixture_weights_repeat_and_subsample(stage1):
     """--data PATH:2,PATH:0.5 gives two copies plus a seeded half of the file's samples."""
     assert len(sft.load_mixture(f"{stage1}:2,{stage1}:0.5")) == 8 * 2 + 4
+
+
+def test_pixel_budget_sets_the_prompt_length(stage1):
+    """--max-pixels shrinks an image before the processor, so its prompt holds fewer image tokens."""
+    _, processor = load_policy("tiny")
+    samples = [s for s in sft.load_mixture(str(stage1)) if s.image][:1]
+    full, _, _ = sft.tokenize(samples, processor, None, 4096)
+    capped, _, _ = sft.tokenize(samples, processor, None, 4096, pixels=(None, 56 * 56))
+    assert capped[0] < full[0]

@@ -164,3 +164,56 @@ def test_filler_micro_batches_add_no_gradient(tiny):
     model.zero_grad()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-7, rtol=0), n
+
+
+def test_log_ratio_is_clamped_before_exp():
+    """A token with lp - old = 100 (ratio e^100) gives a finite loss and finite gradients: the release's clamp."""
+    lp = torch.tensor([100.0, -1.0], requires_grad=True)
+    loss, _, _ = clipped_surrogate(lp, torch.zeros(2), torch.tensor([0.0, 1.0]))
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(lp.grad).all()
+
+
+def test_non_finite_gradient_norm_skips_the_step(tiny, monkeypatch):
+    """update() skips the optimizer step (and counts it) when the gradient norm is not finite."""
+    import tapo
+    from tapo import response_logprobs, update, update_side
+    model, proc = tiny
+    pad = proc.tokenizer.pad_token_id
+    samples = _fake_samples(proc, n_groups=1)
+    upd = [update_side(s, "positive") for s in samples]
+    for s, lp in zip(samples, response_logprobs(model, samples, upd, pad, 1.0, 6)):
+        s.old, s.neg = lp, lp - 0.3
+    args = SimpleNamespace(temperature=1.0, intra_condition="positive", micro_batch=3, rollout_batch=1,
+                           update_batch=1, n1=2, n2=1, grad_clip=1.0, **{k: v for k, v in COEF.items() if k != "beta"},
+                           kl_ref=0.0)
+    dist = SimpleNamespace(world=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    monkeypatch.setattr(tapo.training, "clip_grad_norm", lambda model, max_norm: float("nan"))
+    _, _, updates, skipped = update(model, opt, samples, args, dist, pad)
+    model.zero_grad(set_to_none=True)
+    assert (updates, skipped) == (0, 1)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("rows, update, rollout, epochs, steps", [
+    (1808, 128, 384, 10, 40), (1808, 64, 192, 5, 45), (100, 128, 384, 10, 1), (116, 8, 16, 10, 70)])
+def test_release_run_length(rows, update, rollout, epochs, steps):
+    """Steps = floor(floor(N / update) * update / rollout) * epochs (EasyR1), at least 1."""
+    from tapo import release_steps
+    assert release_steps(rows, update, rollout, epochs) == steps
+
+
+def test_overlong_prompts_are_skipped_and_counted(tiny, tmp_path):
+    """Rows whose RL prompt exceeds --max-prompt-length are dropped at start and counted."""
+    from data import RLRow
+    from tapo import within_prompt_cap
+    _, proc = tiny
+    for name, side in (("small.png", 56), ("big.png", 448)):
+        random_image(side, side, 0).save(tmp_path / name)
+    rows = [RLRow(str(tmp_path / f), str(tmp_path / f), str(tmp_path / f), "<image> What bird is this?", "x", f)
+            for f in ("small.png", "big.png")]
+    args = SimpleNamespace(min_pixels=0, max_pixels=0, max_prompt_length=200)
+    keep, skipped = within_prompt_cap(rows, proc, None, args)
+    assert [r.image for r in keep] == [str(tmp_path / "small.png")] and skipped == 1

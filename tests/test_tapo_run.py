@@ -10,7 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--max-new-tokens", "12", "--rollout-batch", "2", "--update-batch", "1",
-        "--n1", "2", "--n2", "2", "--max-retries", "1", "--micro-batch", "4", "--lr", "1e-3"]
+        "--n1", "2", "--n2", "2", "--max-retries", "1", "--micro-batch", "4", "--lr", "1e-3",
+        "--min-pixels", "0", "--max-pixels", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,27 @@ def test_two_ranks_one_rank_all_filtered_does_not_hang(tiny_world, tmp_path):
     """Under torchrun (gloo, 2 ranks), rank 1's groups are all filtered, rank 0's survive: the run completes."""
     out = tmp_path / "dist"
     run(["tests/tapo_worker.py", "--data", str(tiny_world), "--out", str(out), "--max-steps", "2",
-         "--parallel", "fsdp"] + FAST, nproc=2)
+         "--parallel", "fsdp"] + FAST + ["--update-batch", "2"], nproc=2)
     ms = metrics(out)
     assert len(ms) == 2 and all(m["updates"] >= 1 and m["kept"] >= 1 for m in ms)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_retries_draw_full_batches_and_keep_unfiltered_quirk(tiny_world, tmp_path, keep):
+    """Every try draws a full rollout batch; with nothing surviving, --keep-unfiltered keeps the tries (release)."""
+    out = tmp_path / "run"
+    run(["tests/tapo_worker.py", "--data", str(tiny_world), "--out", str(out), "--max-steps", "1"] + FAST
+        + (["--keep-unfiltered"] if keep else []), env_extra={"FAKE_REWARD": "all-wrong"})
+    m = metrics(out)[0]
+    # without the flag: (max_retries 1 + 1) tries x a full rollout batch of 2; with it the first try is kept whole
+    assert (m["drawn"], m["kept"], m["updates"] > 0) == ((2, 2, True) if keep else (4, 0, False))
+
+
+def test_batch_not_divisible_by_ranks_is_refused(tiny_world, tmp_path):
+    """A rollout batch that cannot split over the ranks stops at start with a message naming the flag."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29700 + os.getpid() % 1000), "tapo.py", "--data", str(tiny_world), "--out",
+                        str(tmp_path / "x"), "--max-steps", "1"] + FAST[:4] + ["--rollout-batch", "3", "--update-batch",
+                        "3"] + FAST[8:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--rollout-batch 3 is not a multiple of the 2 ranks" in r.stdout + r.stderr
