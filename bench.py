@@ -17,6 +17,57 @@ import torch
 
 
 # ----------------------------------------------------------------------------------------------------------
+# collectives: how many torch.distributed calls a rollout's decode steps make (sharded vs gathered vs DDP)
+
+COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "all_gather", "all_gather_object",
+               "reduce_scatter_single", "reduce_scatter_tensor", "broadcast", "_broadcast_coalesced", "barrier",
+               "all_to_all_single", "reduce")
+
+
+class CountCollectives:
+    """Counts calls of torch.distributed's collectives (patched at module level, where FSDP2, DDP and
+    distributed.py look them up) and marks the top-level forward calls of `model`, so that
+    `per_forward()` gives the collectives from each forward's start to the next one's (the last: to exit).
+
+        with CountCollectives(model) as c:
+            rollout.generate(model, ...)
+        c.per_forward()   # [prefill, decode step 1, ...]: a decode step's entry also holds its all_any
+    """
+
+    def __init__(self, model=None):
+        self.model, self.calls, self.marks = model, [], []
+
+    def __enter__(self):
+        import torch.distributed as tdist
+        self._saved = {}
+        for name in COLLECTIVES:
+            fn = getattr(tdist, name, None)
+            if fn is None:
+                continue
+            self._saved[name] = fn
+
+            def counted(*a, _fn=fn, _name=name, **k):
+                self.calls.append(_name)
+                return _fn(*a, **k)
+            setattr(tdist, name, counted)
+        if self.model is not None:  # prepend: before FSDP2's own pre-forward (the root's all-gather)
+            self._hook = self.model.register_forward_pre_hook(lambda m, a: self.marks.append(len(self.calls)),
+                                                              prepend=True)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as tdist
+        for name, fn in self._saved.items():
+            setattr(tdist, name, fn)
+        if self.model is not None:
+            self._hook.remove()
+
+    def per_forward(self):
+        ends = self.marks[1:] + [len(self.calls)]
+        return [e - s for s, e in zip(self.marks, ends)]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # logprobs: naive (B*T, V) float32 log-softmax vs the chunked autograd head, at Qwen2.5-VL-3B's head size
 
 def _status_kib(field):
