@@ -45,7 +45,7 @@ from data import encode_prompts, join_prompt_response, load_stage2, load_triplet
 from policy import (load_optimizer_state, load_policy, load_trainer_state, newest_checkpoint, optimizer_state,
                     save_checkpoint, token_logprobs, vision_token_ids)
 from reward import score
-from rollout import decode, generate
+from rollout import decode, gathered, generate
 
 WORLD_DIR = Path("out/world")
 SFT_RUN = Path("out/sft_cot")
@@ -105,6 +105,9 @@ def get_args(argv=None):
     ap.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
                     help="data parallelism under torchrun (default: fsdp on CUDA, ddp on CPU)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    ap.add_argument("--rollout-sharded", action="store_true",
+                    help="FSDP2: roll out on the sharded model (an all-gather per layer per decode step, ranks in "
+                         "lockstep) instead of gathering it once per phase; for models that do not fit gathered")
     ap.add_argument("--system-prompt", choices=["default", "r1"], default="default",
                     help="default = no system message (release RL); r1 = the release's SFT system prompt (Δ14)")
     ap.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: end only + 50)")
@@ -409,7 +412,8 @@ def main(argv=None):
             need = per_rank - len(kept)
             batch_rows = prompts.take(per_rank if attempt == 0 else max(1, need))
             seed_base = ((args.seed * 1_000_003 + step) * 1_000_003 + attempt * 4099 + dist.rank) * 100_000
-            groups, nt, tg = rollout_groups(model, processor, batch_rows, args, system, seed_base)
+            with gathered(model, enabled=not args.rollout_sharded):  # FSDP2: one all-gather per unit, not per token
+                groups, nt, tg = rollout_groups(model, processor, batch_rows, args, system, seed_base)
             n_gen_tok, t_gen, drawn, last = n_gen_tok + nt, t_gen + tg, drawn + len(groups), groups
             all_stats += groups
             for g in groups:
