@@ -603,7 +603,7 @@ def _gpu_train(model, processor, args, dev, kind):
 
     sft: token-level NLL of CoT-length responses. tapo: the update's clipped surrogate (Eq. 3, eps 0.2 / 0.28)
     on rollout-length responses with random advantages, old log-probs from a no-grad forward first (TAPO's
-    phase 4; its FLOPs are counted, 2 N per token). Both: chunked head, grad clip, AdamW (fused on CUDA).
+    phase 4; its FLOPs are counted, 2 N per token). Both: chunked head, grad clip, AdamW.
     """
     import statistics
     import numpy as np
@@ -624,7 +624,7 @@ def _gpu_train(model, processor, args, dev, kind):
     flops = _train_flops(model, batch)
     if kind == "tapo":
         flops += flops // 3  # + the old log-probs' no-grad forward (1/3 of forward + backward)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)  # as tapo.py / sft.py: the default (foreach) AdamW
     import contextlib  # sft.py adds bf16 autocast on CUDA; tapo.py relies on FSDP2's param_dtype alone
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and kind == "sft" else contextlib.nullcontext
     model.train()
