@@ -102,6 +102,11 @@ def main():
             inside = rollout.sharded(model)
             ro = run(model, proc, rows, max_new, args.stop)
     res["gathered"] = record(model, ro, c)
+    with rollout.gathered(model):  # rank 0 with images, rank 1 text only: fine once nothing is sharded
+        from data import encode_prompts
+        mixed = rollout.generate(model, encode_prompts(proc, [random_image(112, 112, 0) if dist.rank == 0
+                                                              else None], [QUESTIONS[0]]), max_new_tokens=3)
+    res["gathered"]["mixed_images"] = mixed.tokens.shape
     res["gathered"].update(sharded_inside=inside, sharded_after=rollout.sharded(model),
                            train=[train_step(model, tb) for _ in range(2)])
     # ddp: generate unwraps; a DDP-wrapped forward broadcasts buffers first

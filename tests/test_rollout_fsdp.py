@@ -94,3 +94,8 @@ def test_ddp_rollout_makes_no_collectives(got):
         assert g["ddp"]["calls"] == []
         assert torch.equal(g["ddp"]["tokens"], g["sharded"]["tokens"])
         assert "_broadcast_coalesced" in g["ddp"]["wrapped_forward"]
+
+
+def test_gathered_ranks_may_differ_in_images(got):
+    """Gathered, one rank's prompts may have images while another's have none (sharded, that raises)."""
+    assert [tuple(g["gathered"]["mixed_images"]) for g in got[0]] == [(1, 3), (1, 3)]
