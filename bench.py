@@ -3,6 +3,10 @@
     python bench.py logprobs   # peak memory of the naive log-softmax gather vs the chunked head (policy.py)
     python bench.py rollout    # TAPO's rollout workload: rollout.generate vs HF generate, tokens/s and memory
     python bench.py sft        # SFT step tokens/s, 1 process vs 2-rank DDP; padding with / without length grouping
+    python bench.py collectives  # collectives per decode step on 2 ranks: FSDP2 sharded vs rollout.gathered vs DDP
+    python bench.py gpu        # on a GPU, < 8 min: rollout ours vs HF at ~0.5B / 3B shapes, fraction of the
+                               # bandwidth limit, bf16 SFT step and TAPO update MFU, peak memory
+    python bench.py gpu --device cpu --small   # the same script on CPU with tiny presets (proves it runs)
 
 Each prints its figures and, as its last line, one greppable summary (`logprobs peak_ratio=...`).
 """
@@ -14,6 +18,86 @@ import sys
 import time
 
 import torch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# collectives: how many torch.distributed calls a rollout's decode steps make (sharded vs gathered vs DDP)
+
+COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "all_gather", "all_gather_object",
+               "reduce_scatter_single", "reduce_scatter_tensor", "broadcast", "_broadcast_coalesced", "barrier",
+               "all_to_all_single", "reduce")
+
+
+class CountCollectives:
+    """Counts calls of torch.distributed's collectives (patched at module level, where FSDP2, DDP and
+    distributed.py look them up) and marks the top-level forward calls of `model`, so that
+    `per_forward()` gives the collectives from each forward's start to the next one's (the last: to exit).
+
+        with CountCollectives(model) as c:
+            rollout.generate(model, ...)
+        c.per_forward()   # [prefill, decode step 1, ...]: a decode step's entry also holds its all_any
+    """
+
+    def __init__(self, model=None):
+        self.model, self.calls, self.marks = model, [], []
+
+    def __enter__(self):
+        import torch.distributed as tdist
+        self._saved = {}
+        for name in COLLECTIVES:
+            fn = getattr(tdist, name, None)
+            if fn is None:
+                continue
+            self._saved[name] = fn
+
+            def counted(*a, _fn=fn, _name=name, **k):
+                self.calls.append(_name)
+                return _fn(*a, **k)
+            setattr(tdist, name, counted)
+        if self.model is not None:  # prepend: before FSDP2's own pre-forward (the root's all-gather)
+            self._hook = self.model.register_forward_pre_hook(lambda m, a: self.marks.append(len(self.calls)),
+                                                              prepend=True)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as tdist
+        for name, fn in self._saved.items():
+            setattr(tdist, name, fn)
+        if self.model is not None:
+            self._hook.remove()
+
+    def per_forward(self):
+        ends = self.marks[1:] + [len(self.calls)]
+        return [e - s for s, e in zip(self.marks, ends)]
+
+
+def bench_collectives(args):
+    """2 ranks (gloo, tests/rollout_worker.py): collectives per decode step, FSDP2 sharded vs gathered vs DDP."""
+    import statistics
+    import tempfile
+    out = os.path.join(tempfile.mkdtemp(), "got.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29700 + os.getpid() % 200), os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests",
+                                                        "rollout_worker.py"), "--out", out]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"worker failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
+    got = torch.load(out)
+    print("collectives: tiny preset (2 text layers), FSDP2 / DDP on 2 ranks (gloo); rank 0 decodes 14 tokens, "
+          "rank 1 5; counted by patching torch.distributed (bench.CountCollectives)")
+    print(f"  {'path':9s} {'rank':>4s} {'forwards':>8s} {'per decode step (median)':>24s} {'whole rollout':>13s}  calls")
+    med = {}
+    for path in ("sharded", "gathered", "ddp"):
+        for rank, g in enumerate(got):
+            x = g[path]
+            per = statistics.median(x["per_forward"][1:]) if len(x["per_forward"]) > 1 else 0
+            med[path] = max(med.get(path, 0), per)
+            kinds = {k: x["calls"].count(k) for k in sorted(set(x["calls"]))}
+            print(f"  {path:9s} {rank:4d} {len(x['per_forward']):8d} {per:24.0f} {len(x['calls']):13d}  {kinds}")
+    print(f"  a DDP-wrapped forward (not used by rollout.generate) makes {got[0]['ddp']['wrapped_forward']}")
+    print(f"collectives per_step_sharded={med['sharded']:.0f} per_step_gathered={med['gathered']:.0f} "
+          f"per_step_ddp={med['ddp']:.0f} gathered_entry={len(got[0]['gathered']['calls'])}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -413,6 +497,241 @@ def bench_sft(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# gpu: one command for a GPU machine: rollout ours vs HF, fraction of the bandwidth limit, SFT / TAPO MFU
+
+# bf16 dense peak FLOP/s and HBM bandwidth (bytes/s) by device-name fragment (vendor data sheets, SXM parts)
+GPUS = {"H200": (989.4e12, 4.8e12), "H100": (989.4e12, 3.35e12), "A100": (312e12, 2.039e12),
+        "L40S": (362e12, 0.864e12), "A10": (125e12, 0.6e12)}
+
+
+def _half_b_config(tokenizer):
+    """A ~0.5B random Qwen2.5-VL: Qwen2.5-0.5B's text widths (896 x 24 layers, 14 heads, 2 KV heads, vocab
+    151,936, tied head) and a 4-block 1280-wide vision tower (Qwen2.5-VL's blocks, fewer of them)."""
+    from transformers import Qwen2_5_VLConfig
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+            num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+            rms_norm_eps=1e-6, tie_word_embeddings=True,
+            rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [8, 12, 12]},  # head_dim 64
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=4, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=896,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[3], in_channels=3, tokens_per_second=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True)
+
+
+def _copy_bandwidth(dev):
+    """Measured copy bandwidth (bytes read + written per second) of a 256 MiB tensor: the CPU's stand-in for
+    the HBM figure."""
+    x = torch.empty(64 * 2**20, device=dev)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return 5 * 2 * x.numel() * 4 / (time.perf_counter() - t0)
+
+
+def _decode_bytes(model, rows, groups, prompt_len, new_tokens):
+    """Bytes one decode step must read at least, averaged over a rollout: the text weights once (the
+    embedding table excepted: one row per token; a tied head reads it once) plus the KV cache our sampler
+    reads, the prompt part once per prompt (shared prefix) and the generated part per row, at mean length."""
+    from distributed import unwrap
+    hf = unwrap(model)
+    tc = hf.config.text_config
+    el = 2  # bf16
+    w = sum(p.numel() for p in hf.model.language_model.layers.parameters()) + tc.hidden_size  # + final norm
+    w += tc.vocab_size * tc.hidden_size  # the LM head (tied or not, read once per step)
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    kv_per_tok = tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim
+    kv = kv_per_tok * (groups * prompt_len + rows * new_tokens / 2)
+    return (w + kv) * el
+
+
+def _gpu_rollout(model, processor, args, dev, shape):
+    """Rollout tok/s, ours (inside rollout.gathered, as TAPO runs it) vs HF generate, on TAPO's workload."""
+    import statistics
+    import rollout
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in _rollout_inputs(args, processor).items()}
+    pad = processor.tokenizer.pad_token_id
+    B, P = batch["input_ids"].shape
+    R, T = B * args.n, args.new_tokens
+    cuda = dev.type == "cuda"
+
+    def ours(r):
+        ro = rollout.generate(model, batch, n=args.n, max_new_tokens=T, temperature=1.0, stop_ids=(), pad_id=pad,
+                              seeds=r)
+        return int(ro.mask.sum())
+
+    def hf(r):
+        torch.manual_seed(r)
+        out = model.generate(**batch, do_sample=True, num_return_sequences=args.n, max_new_tokens=T,
+                             temperature=1.0, top_p=1.0, top_k=0, eos_token_id=[], pad_token_id=pad)
+        return int(out[:, P:].numel())
+
+    res, peak = {"ours": [], "hf": []}, {"ours": 0, "hf": 0}
+    with rollout.gathered(model):  # FSDP2 world 1 here: parameters once in bf16, as in the TAPO loop
+        for r in range(args.rounds + 1):  # round 0 warms up (allocator, kernels) and is not counted
+            for name, fn in (("ours", ours), ("hf", hf)):
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                got = fn(r)
+                if cuda:
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                assert got == R * T, f"{name} generated {got} tokens, expected {R * T}"
+                if r > 0:
+                    res[name].append(R * T / dt)
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated() if cuda else 0)
+    tok_s = {k: statistics.median(v) for k, v in res.items()}
+    step_bytes = _decode_bytes(model, R, B, P, T)
+    limit = R * args.bandwidth / step_bytes  # tok/s if every decode step only read its bytes at full bandwidth
+    return dict(rows=R, prompt=P, new=T, ours=tok_s["ours"], hf=tok_s["hf"], ms_step=R / tok_s["ours"] * 1e3,
+                limit=limit, frac=tok_s["ours"] / limit, step_gb=step_bytes / 1e9,
+                peak_ours=peak["ours"] / 2**30, peak_hf=peak["hf"] / 2**30)
+
+
+def _gpu_train(model, processor, args, dev, kind):
+    """Median time, MFU and peak memory of one bf16 FSDP2 training step on a TAPO- or SFT-shaped micro-batch.
+
+    sft: token-level NLL of CoT-length responses. tapo: the update's clipped surrogate (Eq. 3, eps 0.2 / 0.28)
+    on rollout-length responses with random advantages, old log-probs from a no-grad forward first (TAPO's
+    phase 4; its FLOPs are counted, 2 N per token). Both: chunked head, grad clip, AdamW.
+    """
+    import statistics
+    import numpy as np
+    from PIL import Image
+    from data import encode_pairs
+    from policy import token_logprobs
+    cuda = dev.type == "cuda"
+    rng = np.random.default_rng(0)
+    words = args.sft_words if kind == "sft" else args.tapo_words
+    images = [Image.fromarray((rng.random((args.image_size, args.image_size, 3)) * 255).astype("uint8"))
+              for _ in range(args.micro)]
+    responses = [" ".join(rng.choice(["red", "head", "wings", "tipped", "blue", "the", "bird"], words))
+                 for _ in range(args.micro)]
+    batch = encode_pairs(processor, images, ["What species of bird is this?"] * args.micro, responses)
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+    mask = batch["response_mask"]
+    n_tok = mask.sum()
+    flops = _train_flops(model, batch)
+    if kind == "tapo":
+        flops += flops // 3  # + the old log-probs' no-grad forward (1/3 of forward + backward)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)  # as tapo.py / sft.py: the default (foreach) AdamW
+    import contextlib  # sft.py adds bf16 autocast on CUDA; tapo.py relies on FSDP2's param_dtype alone
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and kind == "sft" else contextlib.nullcontext
+    model.train()
+    times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.train_steps + 1):  # the first step warms up
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast():
+            if kind == "sft":
+                loss = -(token_logprobs(model, batch) * mask).sum() / n_tok
+            else:
+                with torch.no_grad():
+                    old = token_logprobs(model, batch)
+                adv = torch.randn(args.micro, 1, device=dev)
+                ratio = torch.exp(token_logprobs(model, batch) - old)
+                pg = -torch.minimum(ratio * adv, ratio.clamp(1 - 0.2, 1 + 0.28) * adv)
+                loss = (pg * mask).sum() / n_tok
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    model.eval()
+    del opt
+    dt = statistics.median(times[1:])
+    return dict(step_s=dt, tflops=flops / dt / 1e12, mfu=flops / dt / args.peak_flops if args.peak_flops else None,
+                seq=int(batch["input_ids"].shape[1]), peak=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0)
+
+
+def bench_gpu(args):
+    """Each shape: build a random model, FSDP2-wrap it (world 1, bf16 compute, fp32 master weights: the TAPO
+    set-up), then rollout ours vs HF, an SFT step and a TAPO update, side by side."""
+    import distributed
+    from policy import count_params, load_policy
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    if not torch.distributed.is_initialized():  # FSDP2 needs a process group, even of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29900 + os.getpid() % 90))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    dist = distributed.Dist(0, 1, 0, dev)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak, bw = next((v for k, v in GPUS.items() if k in name), (None, None))
+    args.peak_flops = args.peak_flops or peak
+    args.bandwidth = args.bandwidth or bw or _copy_bandwidth(dev)
+    _, processor = load_policy("small")  # the tokenizer / image processor of the random shapes
+    shapes = ["tiny", "small"] if args.small else ["0.5b", "3b"]
+    print(f"gpu: {name}, bandwidth {args.bandwidth / 1e12:.2f} TB/s"
+          f"{' (measured copy)' if not bw else ''}, bf16 peak "
+          f"{f'{args.peak_flops / 1e12:.0f} TFLOP/s' if args.peak_flops else 'unknown (MFU n/a)'}; FSDP2 world 1, "
+          f"bf16 compute, fp32 master; rollout: {args.prompts} prompts x (anchor + positive) x {args.n} samples, "
+          f"{args.image_size}px images, {args.new_tokens} new tokens (EOS off), median of {args.rounds} rounds")
+    out = {}
+    for shape in shapes:
+        t0 = time.time()
+        if shape in ("tiny", "small"):
+            model, processor = load_policy(shape)
+        else:
+            cfg = _half_b_config(processor.tokenizer) if shape == "0.5b" else _qwen3b_config(processor.tokenizer)
+            if shape == "3b" and args.layers_3b:
+                cfg.text_config.num_hidden_layers = args.layers_3b
+            with torch.device(dev):
+                model = Qwen2_5_VLForConditionalGeneration(cfg)
+        model = distributed.wrap(model, "fsdp", dist, mixed_precision=True).eval()
+        n_params = count_params(model)
+        ro = _gpu_rollout(model, processor, args, dev, shape)
+        sft = _gpu_train(model, processor, args, dev, "sft")
+        tapo = _gpu_train(model, processor, args, dev, "tapo")
+        out[shape] = dict(params=n_params, rollout=ro, sft=sft, tapo=tapo, seconds=time.time() - t0)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+
+    def mfu(r):
+        return f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
+    print(f"  {'shape':6s} {'params':>7s} | {'rows':>4s} {'ours tok/s':>10s} {'HF tok/s':>9s} {'x HF':>5s} "
+          f"{'ms/step':>7s} {'BW-limit':>9s} {'of limit':>8s} {'GiB ours/HF':>11s} | {'SFT s':>6s} {'TFLOP/s':>7s} "
+          f"{'MFU':>5s} {'GiB':>5s} | {'TAPO s':>6s} {'TFLOP/s':>7s} {'MFU':>5s} {'GiB':>5s} | {'s':>4s}")
+    for shape, o in out.items():
+        r, s, t = o["rollout"], o["sft"], o["tapo"]
+        size = f"{o['params'] / 1e9:.2f}B" if o["params"] >= 1e8 else f"{o['params'] / 1e6:.1f}M"
+        print(f"  {shape:6s} {size:>7s} | {r['rows']:4d} {r['ours']:10.0f} {r['hf']:9.0f} "
+              f"{r['ours'] / r['hf']:5.2f} {r['ms_step']:7.2f} {r['limit']:9.0f} {r['frac']:8.3f} "
+              f"{r['peak_ours']:5.1f}/{r['peak_hf']:5.1f} | {s['step_s']:6.3f} {s['tflops']:7.1f} {mfu(s):>5s} "
+              f"{s['peak']:5.1f} | {t['step_s']:6.3f} {t['tflops']:7.1f} {mfu(t):>5s} {t['peak']:5.1f} | "
+              f"{o['seconds']:4.0f}")
+    print(f"  (GiB: CUDA max_memory_allocated, 0 on CPU; rows = prompt rows x n; SFT: {args.micro} x {out[shapes[-1]]['sft']['seq']} tokens, TAPO update: "
+          f"{args.micro} x {out[shapes[-1]]['tapo']['seq']} tokens per step, {shapes[-1]}; BW-limit: rows / "
+          f"(bytes a decode step must read / bandwidth), bytes {out[shapes[-1]]['rollout']['step_gb']:.2f} GB at {shapes[-1]})")
+    a, b = out[shapes[0]], out[shapes[-1]]
+    print(f"gpu device={name.replace(' ', '_')} speedup_{shapes[0]}={a['rollout']['ours'] / a['rollout']['hf']:.2f} "
+          f"speedup_{shapes[-1]}={b['rollout']['ours'] / b['rollout']['hf']:.2f} "
+          f"bw_frac_{shapes[-1]}={b['rollout']['frac']:.3f} sft_mfu_{shapes[-1]}={mfu(b['sft'])} "
+          f"tapo_mfu_{shapes[-1]}={mfu(b['tapo'])} peak_gib={max(max(o['rollout']['peak_ours'], o['sft']['peak'], o['tapo']['peak']) for o in out.values()):.1f}")
+    torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -459,6 +778,23 @@ def main():
     m.add_argument("--image-size", type=int, default=448)
     m.add_argument("--response-words", type=int, default=600)
     m.add_argument("--grad-checkpointing", action="store_true")
+    sub.add_parser("collectives", help="collectives per decode step on 2 ranks: sharded vs gathered vs DDP")
+    g = sub.add_parser("gpu", help="GPU: rollout ours vs HF at ~0.5B and 3B shapes, bandwidth fraction, SFT / TAPO MFU")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (or cpu with --small)")
+    g.add_argument("--small", action="store_true", help="the tiny and small presets and a tiny workload (CPU check)")
+    g.add_argument("--prompts", type=int, default=16, help="prompts, each with an anchor and a positive image")
+    g.add_argument("--n", type=int, default=5, help="samples per (prompt, image) (paper: n1 = n2 = 5)")
+    g.add_argument("--new-tokens", type=int, default=256, help="new tokens per sample (EOS disabled)")
+    g.add_argument("--image-size", type=int, default=448, help="square image side (448: 256 visual tokens)")
+    g.add_argument("--rounds", type=int, default=2, help="timed rounds after one warm-up; the median is reported")
+    g.add_argument("--micro", type=int, default=4, help="rows per training micro-batch (SFT step, TAPO update)")
+    g.add_argument("--sft-words", type=int, default=600, help="response words of the SFT micro-batch (CoT length)")
+    g.add_argument("--tapo-words", type=int, default=1000, help="response words of the TAPO micro-batch (rollouts)")
+    g.add_argument("--train-steps", type=int, default=3, help="timed training steps after one warm-up")
+    g.add_argument("--layers-3b", type=int, default=0, help="text layers of the 3B shape (0: all 36)")
+    g.add_argument("--bandwidth", type=float, default=0, help="memory bandwidth, bytes/s (default: by GPU name)")
+    g.add_argument("--peak-flops", type=float, default=0, help="bf16 dense peak, FLOP/s (default: by GPU name)")
+    g.add_argument("--threads", type=int, default=2, help="CPU threads (cpu only)")
     q = sub.add_parser("_logprobs_variant", help=argparse.SUPPRESS)
     for a in ("--rows", "--hidden", "--vocab", "--chunk"):
         q.add_argument(a, type=int)
@@ -468,7 +804,10 @@ def main():
     args = ap.parse_args()
     if args.cmd == "rollout" and args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
-    {"logprobs": bench_logprobs, "rollout": bench_rollout, "_logprobs_variant": _logprobs_variant,
+    if args.cmd == "gpu" and args.small:  # a workload that runs in about a minute on 2 CPU cores
+        args.prompts, args.new_tokens, args.image_size, args.rounds = 1, 8, 112, 1
+        args.micro, args.sft_words, args.tapo_words, args.train_steps = 2, 20, 30, 1
+    {"gpu": bench_gpu, "collectives": bench_collectives, "logprobs": bench_logprobs, "rollout": bench_rollout, "_logprobs_variant": _logprobs_variant,
      "sft": bench_sft, "_sft_step": _sft_step, "_sft_mfu": _sft_mfu}[args.cmd](args)
 
 

@@ -33,27 +33,39 @@ What it implements
    means seeds[r] = s * 1_000_003 + r), all max_new_tokens of them up front, and samples by inverse CDF in
    token-id order, so a row's tokens depend only on its seed, its prompt and the model, not on the other
    rows of the batch (up to float rounding at an interval edge).
-8. Distributed lockstep: with `sync` (default under torch.distributed, world > 1) every rank all-reduces a
-   "still decoding" flag once per step and keeps calling forward (on a one-row dummy) until no rank has
-   work left, because FSDP2 all-gathers parameters inside every forward: a rank that stopped early would
-   leave the others waiting in a collective forever.
+8. Gather once per rollout phase (`gathered`): under FSDP2 the TAPO loop runs its rollouts inside
+   `with rollout.gathered(model):`, which all-gathers every FSDP unit once (FSDP2's own `unshard`, in its
+   `param_dtype`: bf16 on GPU) and turns off reshard-after-forward until the phase ends, so decode steps make
+   no collective at all (verl's / EasyR1's "hybrid engine" without the second engine). Memory: README
+   "Rollout memory".
+9. Distributed lockstep, only where it is still needed: with `sync` (default: distributed AND some
+   parameter is still an FSDP2 shard, i.e. outside `gathered`) every rank all-reduces a "still decoding"
+   flag once per step and keeps calling forward (on a one-row dummy) until no rank has work left, because
+   a sharded forward all-gathers parameters: a rank that stopped early would leave the others waiting in a
+   collective forever. Gathered (or DDP: `generate` runs the unwrapped module, whose forward has no
+   collective, not DDP's, which would broadcast buffers every call) each rank stops on its own.
 
 Deviations / limits
 1. Prefill runs the model's own "sdpa" or "eager" attention (with our mask); flash-attention is not wired.
    Decode steps always use `shared_prefix_attention` (matmuls + softmax in float32; bf16 models included).
 2. Padded prompt slots keep their K/V in the cache (masked out), as in HF `generate`.
-3. Under `sync`, either every rank's prompts have images or none do (FSDP2 gathers the vision tower only
-   when it runs); a mixed call raises instead of hanging.
+3. Under `sync` (sharded), either every rank's prompts have images or none do (FSDP2 gathers the vision
+   tower only when it runs); a mixed call raises instead of hanging. Gathered, any mix works.
 4. The decode step is eager PyTorch (no CUDA graphs / torch.compile): on a GPU a small model is bound by
    kernel launches, not by the work saved here.
+5. `gathered` reads and restores two private FSDP2 fields (each unit's post-forward mesh, the root's
+   "auto" flag) so that training afterwards reshards exactly as `fully_shard` set it up (torch 2.13).
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface
 
-from distributed import all_any, all_sum
-from policy import rope_positions, unwrap
+from distributed import all_any, all_sum, unwrap
+from policy import rope_positions
 
 COMPACT_FRACTION = 4  # compact once >= 1/4 of the cache rows are finished
 ATTN = "rollout_shared_prefix"  # attention implementation of decode steps (registered below)
@@ -205,6 +217,49 @@ def row_seeds(seeds, R):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Gather once per rollout phase (FSDP2)
+
+def sharded(model):
+    """True while some parameter is an FSDP2 shard (a DTensor): every forward would all-gather it."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@contextmanager
+def gathered(model, enabled=True):
+    """Run a rollout phase with every FSDP2 unit's parameters gathered ONCE, not once per forward.
+
+        with rollout.gathered(model, enabled=not args.rollout_sharded):
+            ro = rollout.generate(model, ...)   # no collective per decode step; ranks stop independently
+
+    On enter: `unshard()` each FSDP unit (one all-gather each, in the MixedPrecisionPolicy's param_dtype) with
+    reshard-after-forward off; forwards then find their parameters gathered and keep them. On exit: restore
+    each unit's reshard-after-forward and `reshard()` (frees the gathered copies). A no-op without FSDP2 (DDP,
+    single process) or with enabled=False (models that do not fit gathered: the sharded, lockstep path).
+    Only forward passes belong inside: there is no gradient reduction for gathered parameters.
+    """
+    units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]  # root first
+    if not enabled or not units:
+        yield model
+        return
+    states = [u._get_fsdp_state() for u in units]
+    states[0]._lazy_init()  # note: fix the root now (FSDP2 does it at the first forward) so its settings save
+    saved = [(s, s._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in s._fsdp_param_groups])
+             for s in states]
+    units[0].set_reshard_after_forward(False)  # recursive: every unit keeps its parameters after forward
+    for u in units:
+        u.unshard()  # collective: one all-gather per unit, the only parameter traffic of the phase
+    try:
+        yield model
+    finally:
+        for s, auto, groups in saved:
+            s._auto_reshard_after_forward = auto
+            for g, mesh in groups:
+                g.post_forward_mesh_info = mesh
+        for u in units:
+            u.reshard()  # local: drop the gathered copies, point the module at its shards again
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The sampler
 
 def _prefill_mask(am, impl, dtype):
@@ -228,7 +283,8 @@ def generate(model, batch, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
 
     Output row r is sample r % n of prompt r // n. seeds: None (a base seed drawn from torch's global RNG),
     an int s (row r uses s * 1_000_003 + r) or one int per output row. Greedy ignores temperature / top-p /
-    top-k and reports log-probs at temperature 1. sync: lockstep over ranks (default: when distributed).
+    top-k and reports log-probs at temperature 1. sync: lockstep over ranks (default: distributed and the
+    parameters still sharded, i.e. FSDP2 outside `gathered`).
     suppress_ids: tokens never sampled (e.g. policy.vision_token_ids: an <|image_pad|> inside a response
     would break the teacher-forced forward, which counts image tokens); reported log-probs stay unfiltered.
     """
@@ -236,8 +292,8 @@ def generate(model, batch, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
     model = unwrap(model)  # DDP -> the HF model; FSDP2 modules are the model itself
     dev = next(model.parameters()).device
     attn_cfg = model.model.language_model.config  # the config object the attention layers read
-    if sync is None:
-        sync = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if sync is None:  # only a sharded forward makes collectives; gathered / DDP ranks stop on their own
+        sync = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and sharded(model)
     ids, am = batch["input_ids"].to(dev), batch["attention_mask"].to(dev).bool()
     B, P = ids.shape
     R = B * n
@@ -297,7 +353,7 @@ def generate(model, batch, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
                 t += 1
                 n_alive = int(alive.sum())  # the one host sync per step
                 running = n_alive > 0 and t < max_new_tokens
-            # ---- lockstep: the ranks decide together whether anyone needs another forward ------------
+            # ---- lockstep (sharded FSDP2 only): the ranks decide together whether anyone needs a forward
             if not (all_any(running) if sync else running):  # collective under sync: one all-reduce a step
                 break
             if running:

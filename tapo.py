@@ -51,7 +51,7 @@ from data import SYSTEM_PROMPT_R1, RowStream, encode_prompts, join_prompt_respon
     prompt_length, rl_prompt, stack_prompts
 from policy import load_policy, newest_checkpoint, stop_token_ids, token_logprobs, vision_token_ids
 from reward import score
-from rollout import decode, generate
+from rollout import decode, gathered, generate
 
 EMBEDDED_DATA = Path("out/world")   # the embedded world (python world.py --out out/world)
 EMBEDDED_SFT = Path("out/sft_cot")  # the main job's CoT-SFT run: the default policy to start from
@@ -127,6 +127,9 @@ def get_args(argv=None):
     # System
     add("--parallel", choices=["none", "ddp", "fsdp"], help="data parallelism (default: fsdp on CUDA, ddp on CPU)")
     add("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    add("--rollout-sharded", action="store_true", help="FSDP2: roll out on the sharded model (an all-gather per "
+        "layer per decode step, ranks in lockstep) instead of gathering it once per phase; for models that do not "
+        "fit gathered (README \"Rollout memory\")")
     add("--system-prompt", choices=["default", "r1"], default="default",
         help="default = no system message (release RL); r1 = the release's SFT system prompt (Δ14)")
     add("--save-every", type=int, default=0, help="checkpoint step_N/ every N steps (0: final/ only)")
@@ -369,7 +372,8 @@ def rl_batches(model, ref, processor, prompts, args, system, dist, step):
         for attempt in range(args.max_retries + 1):
             rows = prompts.take(per_try)
             seed_base = ((args.seed * 1_000_003 + step) * 1_000_003 + attempt * 4099 + dist.rank) * 100_000
-            groups, nt = sample_groups(model, processor, rows, args, system, seed_base)
+            with gathered(model, enabled=not args.rollout_sharded):  # FSDP2: one all-gather per unit, not per token
+                groups, nt = sample_groups(model, processor, rows, args, system, seed_base)
             drawn += groups
             n_tok += nt
             survivors = [g for g in groups if 0.01 < g.accuracy() < 0.99]
