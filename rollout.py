@@ -278,7 +278,7 @@ def _prefill_mask(am, impl, dtype):
 
 @torch.no_grad()
 def generate(model, batch, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, greedy=False,
-             stop_ids=(), pad_id=0, seeds=None, sync=None, suppress_ids=()):
+             stop_ids=(), pad_id=0, seeds=None, sync=None, suppress_ids=(), repetition_penalty=1.0):
     """Sample n responses per prompt row of a LEFT-padded batch (data.encode_prompts). Returns a Rollout on CPU.
 
     Output row r is sample r % n of prompt r // n. seeds: None (a base seed drawn from torch's global RNG),
@@ -287,6 +287,9 @@ def generate(model, batch, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
     parameters still sharded, i.e. FSDP2 outside `gathered`).
     suppress_ids: tokens never sampled (e.g. policy.vision_token_ids: an <|image_pad|> inside a response
     would break the teacher-forced forward, which counts image tokens); reported log-probs stay unfiltered.
+    repetition_penalty: HF's RepetitionPenaltyLogitsProcessor (the release's eval applies generation_config's):
+    the logit of every token already in the row (prompt, padding included, and response) is divided by it
+    when positive, multiplied when negative, before temperature; reported log-probs stay unpenalised.
     """
     assert max_new_tokens >= 1, "max_new_tokens must be >= 1"
     model = unwrap(model)  # DDP -> the HF model; FSDP2 modules are the model itself
@@ -319,6 +322,10 @@ def generate(model, batch, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
                 pixel_values=batch["pixel_values"].to(dev) if has_pix else None,
                 image_grid_thw=batch["image_grid_thw"].to(dev) if has_pix else None)
     logits = out.logits[:, -1].float().repeat_interleave(n, 0)                 # (R, V): n rows per prompt
+    seen = None  # (R, V) tokens already in each output row, for the repetition penalty
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(R, logits.shape[-1], dtype=torch.bool, device=dev)
+        seen.scatter_(1, ids.repeat_interleave(n, 0), True)
 
     # ---- decode state: cache row i is output row rows[i], of prompt group[i] ------------------------
     cache.allocate(R, max_new_tokens)
@@ -339,10 +346,16 @@ def generate(model, batch, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, 
                 # ---- sample token t of every cache row from its logits (rows, V) ----------------------
                 z = logits / temperature
                 logp = torch.log_softmax(z, dim=-1)
+                if seen is not None:
+                    s = seen[rows]
+                    z = torch.where(s, torch.where(logits < 0, logits * repetition_penalty,
+                                                   logits / repetition_penalty), logits) / temperature
                 if suppress is not None:
                     z = z.index_fill(1, suppress, float("-inf"))
                 tok = z.argmax(-1) if greedy else sample(z, uniforms[rows, t], top_k, top_p)
                 lp = logp.gather(1, tok[:, None]).squeeze(1)
+                if seen is not None:
+                    seen[rows, tok] = True
                 # ---- record (finished rows still in the cache write padding) --------------------------
                 tokens[rows, t] = torch.where(alive, tok, pad_id)
                 logprobs[rows, t] = torch.where(alive, lp, 0.0)

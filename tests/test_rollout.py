@@ -51,6 +51,20 @@ def test_greedy_equals_hf_generate(sharp, batch, impl):
     assert torch.all(ro.logprobs[~ro.mask] == 0)
 
 
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_equals_hf_generate(sharp, batch, penalty):
+    """Greedy tokens with a repetition penalty equal HF generate's (RepetitionPenaltyLogitsProcessor), and
+    differ from the unpenalised ones (the penalty takes effect)."""
+    model, proc = sharp
+    pad = proc.tokenizer.pad_token_id
+    ref = model.generate(**batch, max_new_tokens=16, do_sample=False, eos_token_id=[], pad_token_id=pad,
+                         repetition_penalty=penalty)[:, batch["input_ids"].shape[1]:]
+    ro = rollout.generate(model, batch, n=1, max_new_tokens=16, greedy=True, pad_id=pad, repetition_penalty=penalty)
+    plain = rollout.generate(model, batch, n=1, max_new_tokens=16, greedy=True, pad_id=pad)
+    assert torch.equal(ro.tokens, ref)
+    assert not torch.equal(ro.tokens, plain.tokens)
+
+
 def test_greedy_samples_identical(sharp, batch):
     """Greedy with n > 1: the n rows of a prompt are identical and equal the n = 1 rollout."""
     model, proc = sharp
