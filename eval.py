@@ -7,6 +7,7 @@ greedy decoding, the answer parsed from <answer>...</answer> and scored by text 
     python eval.py --model out/sft_cot/final --tag "CoT SFT"  # a checkpoint folder (or a run dir, or a preset)
     python eval.py --model /ckpt/Fine-R1-3B --data /data/eval/*.jsonl --image-root /data --siglip /ckpt/siglip
     torchrun --nproc_per_node 8 eval.py --model /ckpt/Fine-R1-7B --data /data/eval --image-root /data
+    python eval.py --model out/tapo/final --samples 8 --temperature 1.0  # + avg@8 / pass@8 (PAPO's protocol)
     python eval.py --table out/eval/sft_cot:"CoT SFT" out/eval/tapo:"+ TAPO" --table-out out/results  # side by side
 
 Closed world: "Given the question: ..., based on the options provided in [4 labels] ..." (data.closed_prompt).
@@ -21,21 +22,26 @@ Open world: "Given the question: .... This is a fine-grained question. ..." (dat
     exact      as above
     ss_rel     max(0, (cos(pred, gt) - cos(super, gt)) / (1 - cos(super, gt))), SigLIP text embeddings
                (release: google/siglip-base-patch16-256), super = the super-category word ("bird", "car")
-All figures are percentages. Averages are means over datasets (as the paper); "overall" is the arithmetic
+    avg@K      --samples K: mean acc (closed) / ti (open) of K answers sampled at --temperature; pass@K: share of
+               items with a correct one among its K. Greedy figures are unchanged by --samples.
+All figures are percentages, each with a 95% bootstrap interval over items (report.py). Averages are means over datasets (as the paper); "overall" is the arithmetic
 mean of the seen and unseen averages (REFERENCE.md section 6: 74.68 = (77.43 + 71.94) / 2), not a harmonic mean.
 
 Outputs in --out (default out/eval/<model name>):
     items.jsonl (items.rank{r}.jsonl under torchrun)   one line per item and mode, appended as batches finish:
         key, source (file:line), dataset, split, mode, order, options (as shown), ground_truth, super, prompt,
-        output, finish, n_tokens, answer (parsed), correct, exact, format, no_option (closed) / ss_rel (open)
+        output, finish, n_tokens, answer (parsed), correct, exact, format, no_option (closed) / ss_rel (open);
+        sampled answers also sample, temperature (key "...|sample{k}@t{T}")
     summary.json   {"model", "tag", "settings", "closed": {"seen": {DATASET: {acc, exact, format, no_option,
-                   truncated, n}, ..., "avg": {...}}, "unseen": {...}, "overall": {...}}, "open": {... ti,
-                   exact, ss_rel, format, truncated, n ...}}; ss_rel is null without --siglip. A partial
-                   evaluation (--unseen, --mode, --limit, ...) writes summary_<selection>.json instead
+                   truncated, [avg@K, pass@K,] n, ci: {metric: [lo, hi]}}, ..., "avg": {...}}, "unseen": {...},
+                   "overall": {...}}, "open": {... ti, exact, ss_rel, format, truncated ...}}; ss_rel is null
+                   without --siglip. A partial evaluation (--unseen, --mode, --limit, --samples, ...) writes
+                   summary_<selection>.json (and report_<selection>.html) instead
+    report.html    one self-contained page: tables, confusions, sampled items with image and response (report.py)
     run.json       what the outputs depend on (model weights, max_new_tokens, system prompt); resuming needs a match
-A rerun skips every (file, line, mode, options order) already in items*.jsonl; results of another setup are
-renamed *.stale and redone. `--table` prints finished evaluations side by side (run.sh's final table);
-`summarise(records)`, `markdown_table(summaries)` and `report(summaries)` are the functions behind it.
+A rerun skips every (file, line, mode, options order[, sample]) already in items*.jsonl; results of another
+setup are renamed *.stale and redone. `--table` prints finished evaluations side by side with paired-bootstrap
+marks, writes --table-out PATH.md/.json/.html and refreshes the runs' curves.png (report.compare).
 
 Deliberate deviations from the release
 --------------------------------------
@@ -55,7 +61,9 @@ Deliberate deviations from the release
 5. The answer span is the release's greedy `<answer>(.*)</answer>` (first <answer> to last </answer>),
    found with find / rfind so that it is linear in the output length.
 6. Items are sorted by estimated prompt length and batched (length grouping); the release batches in file
-   order. Greedy decoding makes each output independent of its batch up to numerics.
+   order. Greedy decoding makes each output independent of its batch up to numerics (README: measured rate);
+   sampled answers draw from a generator seeded by (--seed, item, sample), so they do not depend on the batch
+   either.
 7. --max-new-tokens 0 (default) means 256 for preset-sized checkpoints (config has `preset`, or a vocabulary
    under 32k: the embedded pipeline's rationales are short) and 2048 (the release) otherwise.
 8. Metrics are recomputed from the stored outputs on every run, so flags that only affect scoring
@@ -70,7 +78,8 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -78,8 +87,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 import distributed
+import report
 from data import (SYSTEM_PROMPT_R1, DataError, EvalItem, closed_prompt, encode_prompts, eval_name, load_eval,
                   load_image, open_prompt)
+from report import MODES, SPLITS
 from reward import ANSWER_CLOSE, ANSWER_OPEN, format_reward, strict_accuracy
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,14 +100,9 @@ from reward import ANSWER_CLOSE, ANSWER_OPEN, format_reward, strict_accuracy
 # of the first run dir that has one is evaluated.
 DEFAULT_RUNS = ("out/tapo", "out/sft_cot", "out/base")
 DEFAULT_DATA = "out/world"
-MODES = ("closed", "open")
-SPLITS = ("seen", "unseen")
-DATASET_ORDER = ("aircraft", "bird", "car", "dog", "flower", "pet")  # release eval scripts' order
 # Super-category word per dataset (the embedded world's domains are bird, flower, aircraft).
 SUPER_CATEGORY = {"aircraft": "aircraft", "bird": "bird", "car": "car", "dog": "dog", "flower": "flower",
                   "pet": "pet"}
-METRICS = {"closed": ("acc", "exact", "format", "no_option", "truncated"),
-           "open": ("ti", "exact", "ss_rel", "format", "truncated")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,6 +117,16 @@ class Unit:
     options: list     # as shown in the prompt (closed), [] (open)
     prompt: str
     super: str        # super-category word (open world)
+    sample: int = None       # None: the greedy answer; k: the k-th of --samples sampled answers
+    temperature: float = 0.0
+    seed: int = 0            # of a sampled answer: depends only on (--seed, key), never on the batch
+
+
+def sampled_units(units, k, temperature, seed=0):
+    """k sampled copies of every unit, keyed "...|sample{j}@t{T}": a rerun with the same T resumes them."""
+    return [replace(u, key=f"{u.key}|sample{j}@t{temperature:g}", sample=j, temperature=temperature,
+                    seed=zlib.crc32(f"{seed}/{u.key}/{j}".encode()))
+            for u in units for j in range(k)]
 
 
 def shuffled_options(item, seed):
@@ -210,6 +226,8 @@ def score(unit, output, finish=None, n_tokens=None):
     else:
         rec["correct"] = text_inclusion(output, it.ground_truth, unit.super)
         rec["ss_rel"] = None
+    if unit.sample is not None:
+        rec.update(sample=unit.sample, temperature=unit.temperature)
     return rec
 
 
@@ -259,138 +277,12 @@ def fill_ss(records, scorer, batch_size=64):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Summary and table
-
-def _pct(values):
-    return round(100.0 * sum(values) / len(values), 4)
-
-
-def _group_metrics(mode, recs):
-    m = {"acc" if mode == "closed" else "ti": _pct([r["correct"] for r in recs]),
-         "exact": _pct([r["exact"] for r in recs]), "format": _pct([r["format"] for r in recs])}
-    if mode == "closed":
-        m["no_option"] = _pct([r["no_option"] for r in recs])
-    else:
-        ss = [r.get("ss_rel") for r in recs]
-        m["ss_rel"] = None if any(v is None for v in ss) else _pct(ss)
-    m["truncated"] = _pct([r.get("finish") == "length" for r in recs])
-    m["n"] = len(recs)
-    return {k: m[k] for k in METRICS[mode] + ("n",)}
-
-
-def _mean_metrics(groups):
-    """Unweighted mean of each metric over groups (None if any group lacks it); n is summed."""
-    out = {}
-    for k in groups[0]:
-        vals = [g[k] for g in groups]
-        out[k] = sum(vals) if k == "n" else None if any(v is None for v in vals) else round(sum(vals) / len(vals), 4)
-    return out
-
-
-def dataset_key(name):
-    return (DATASET_ORDER.index(name) if name in DATASET_ORDER else len(DATASET_ORDER), name)
-
-
-def summarise(records, model=None, tag=None, settings=None):
-    """{"model", "tag", "settings", mode: {split: {dataset: metrics, "avg": metrics}, "overall": metrics|None}}.
-
-    avg = mean over the split's datasets; overall = mean of the seen and unseen avgs (None unless both)."""
-    out = {"model": model, "tag": tag, "settings": settings or {}}
-    for mode in MODES:
-        recs = [r for r in records if r["mode"] == mode]
-        if not recs:
-            continue
-        res = {}
-        for split in SPLITS:
-            by_ds = {}
-            for r in recs:
-                if r["split"] == split:
-                    by_ds.setdefault(r["dataset"], []).append(r)
-            if by_ds:
-                per = {d: _group_metrics(mode, by_ds[d]) for d in sorted(by_ds, key=dataset_key)}
-                per["avg"] = _mean_metrics(list(per.values()))
-                res[split] = per
-        res["overall"] = _mean_metrics([res[s]["avg"] for s in SPLITS]) if all(s in res for s in SPLITS) else None
-        out[mode] = res
-    return out
-
-
-def markdown_table(summaries, mode="closed", metric="acc"):
-    """Paper Table 1/2 layout: one row per tag; per-dataset seen / unseen, Seen avg, Unseen avg, Overall."""
-    def get(s, split, ds):
-        block = (s.get(mode) or {}).get(split) or {}
-        return (block.get(ds) or {}).get(metric)
-
-    datasets = sorted({d for s in summaries.values() for split in SPLITS
-                       for d in ((s.get(mode) or {}).get(split) or {}) if d != "avg"}, key=dataset_key)
-    cols = [(f"{d} {split}", lambda s, d=d, split=split: get(s, split, d))
-            for d in datasets for split in SPLITS if any(get(s, split, d) is not None for s in summaries.values())]
-    cols += [("Seen avg", lambda s: get(s, "seen", "avg")), ("Unseen avg", lambda s: get(s, "unseen", "avg")),
-             ("Overall", lambda s: ((s.get(mode) or {}).get("overall") or {}).get(metric))]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = ["| Method | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {tag} | " + " | ".join(fmt(f(s)) for _, f in cols) + " |" for tag, s in summaries.items()]
-    return "\n".join(lines)
-
-
-TABLES = (("closed", "acc", "Closed-world accuracy (%, release inclusion rule)"),
-          ("closed", "exact", "Closed-world exact answer (%)"),
-          ("open", "ss_rel", "Open-world SS_rel (%)"),
-          ("open", "ti", "Open-world text inclusion (%, release rule)"))
-
-
-def report(summaries):
-    """The TABLES for {tag: summary}, one markdown table each; ss_rel said unavailable when no row has it."""
-    parts = []
-    for mode, metric, title in TABLES:
-        rows = [s[mode] for s in summaries.values() if s.get(mode)]
-        if not rows:
-            continue
-        if metric == "ss_rel" and all(r[sp]["avg"]["ss_rel"] is None for r in rows for sp in SPLITS if sp in r):
-            parts.append(f"{title}: unavailable (no --siglip)")
-        else:
-            parts.append(f"{title}\n{markdown_table(summaries, mode, metric)}")
-    return "\n\n".join(parts)
-
-
-def print_tables(summary, tag):
-    print("\n" + report({tag: summary}) + "\n")
-    for mode in MODES:  # one greppable line per mode and split
-        for split in SPLITS + ("overall",):
-            m = summary.get(mode, {}).get(split)
-            m = m["avg"] if split != "overall" and m else m
-            if m:
-                print(f"eval {mode} {split} | " + " | ".join(f"{k} {'-' if v is None else round(v, 2)}"
-                                                             for k, v in m.items()))
-
-
-def compare(specs, out=None):
-    """Side-by-side tables of finished evaluations (run.sh's final table), specs "DIR[:TAG]" (DIR/summary.json)
-    or "FILE.json[:TAG]"; with `out`, also write out.md (the tables) and out.json ({tag: summary})."""
-    summaries = {}
-    for spec in specs:
-        path, _, tag = spec.partition(":")
-        f = Path(path) if path.endswith(".json") else Path(path) / "summary.json"
-        if not f.exists():
-            print(f"table: {f} does not exist, row skipped")
-            continue
-        s = json.loads(f.read_text())
-        summaries[tag or s.get("tag") or f.parent.name] = s
-    text = report(summaries)
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).with_suffix(".md").write_text(text + "\n")
-        Path(out).with_suffix(".json").write_text(json.dumps(summaries, indent=1) + "\n")
-    return summaries
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Generation and the sharded, resumable loop
 
 def make_responder(model, processor, max_new_tokens, system=None, generate=None, decode=None):
-    """respond(images, prompts) -> [{"output", "finish", "n_tokens"}]: greedy rollout.generate, stop at
-    <|im_end|> / eos. `generate` / `decode` default to rollout.py's."""
+    """respond(images, prompts, temperature=None, seeds=None) -> [{"output", "finish", "n_tokens"}]: greedy
+    rollout.generate (sampled at `temperature` from per-prompt `seeds` if given), stop at <|im_end|> / eos.
+    `generate` / `decode` default to rollout.py's."""
     if generate is None or decode is None:
         import rollout
         generate, decode = generate or rollout.generate, decode or rollout.decode
@@ -399,12 +291,12 @@ def make_responder(model, processor, max_new_tokens, system=None, generate=None,
     param = next(model.parameters())
 
     @torch.no_grad()
-    def respond(images, prompts):
+    def respond(images, prompts, temperature=None, seeds=None):
         batch = encode_prompts(processor, images, prompts, system)  # left-padded
         batch = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
                  if torch.is_tensor(v) else v for k, v in batch.items()}
-        ro = generate(model, batch, n=1, max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids,
-                      pad_id=tok.pad_token_id)
+        ro = generate(model, batch, n=1, max_new_tokens=max_new_tokens, greedy=temperature is None,
+                      temperature=temperature or 1.0, seeds=seeds, stop_ids=stop_ids, pad_id=tok.pad_token_id)
         rows = [None] * len(prompts)
         for r, (i, text) in enumerate(zip(ro.prompt_index.tolist(), decode(tok, ro))):
             rows[i] = {"output": text, "finish": ro.finish[r], "n_tokens": int(ro.lengths[r])}
@@ -414,20 +306,6 @@ def make_responder(model, processor, max_new_tokens, system=None, generate=None,
 
 def _as_row(x):
     return {"output": x, "finish": None, "n_tokens": None} if isinstance(x, str) else x
-
-
-def load_done(out):
-    """{key: record} from every items*.jsonl in out (any world size); a torn last line is skipped."""
-    done = {}
-    for p in sorted(Path(out).glob("items*.jsonl")):
-        for line in p.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the line an interrupted run was writing
-            if isinstance(rec, dict) and "key" in rec and "output" in rec:
-                done[rec["key"]] = rec
-    return done
 
 
 def _length(unit):
@@ -448,21 +326,26 @@ def evaluate(units, respond, out, dist=None, batch_size=8, ss_scorer=None, progr
     """Generate every unit not yet in out/items*.jsonl, append results, return all records (rank 0; [] else).
 
     Sharded by stride over ranks; each rank runs the same number of respond() calls (short ranks repeat a
-    unit whose result is discarded), as FSDP / rollout's sync require. Records are re-scored from outputs."""
+    unit whose result is discarded), as FSDP / rollout's sync require. Greedy units are batched first, then
+    sampled ones (respond(..., temperature, seeds)), never mixed. Records are re-scored from outputs."""
     dist = dist or distributed.Dist(0, 1, 0, torch.device("cpu"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    done = load_done(out)
+    done = report.load_records(out)
     keys = [u.key for u in units]
     assert len(set(keys)) == len(keys), "duplicate eval items (two files with the same name?)"
     pending = [u for u in units if u.key not in done]
     # collective: every rank has read the files before any rank appends to them; all must agree on the work
     counts = distributed.all_gather_objects(len(pending))
     assert len(set(counts)) == 1, f"ranks disagree on the pending work: {counts}"
-    mine = pending[dist.rank::dist.world]
-    lengths = {u.key: _length(u) for u in mine}
-    mine.sort(key=lambda u: -lengths[u.key])  # length grouping: longest first, so memory peaks early
-    n_batches = math.ceil(math.ceil(len(pending) / dist.world) / batch_size) if pending else 0
+    batches = []  # (this rank's units, a unit to repeat when it has none left)
+    for phase in ([u for u in pending if u.sample is None], [u for u in pending if u.sample is not None]):
+        mine = phase[dist.rank::dist.world]
+        lengths = {u.key: _length(u) for u in mine}
+        mine.sort(key=lambda u: -lengths[u.key])  # length grouping: longest first, so memory peaks early
+        n = math.ceil(math.ceil(len(phase) / dist.world) / batch_size) if phase else 0
+        batches += [(mine[b * batch_size:(b + 1) * batch_size], phase[0]) for b in range(n)]
+    n_batches = len(batches)
     dist.print(f"eval: {len(units)} prompts, {len(units) - len(pending)} done, {len(pending)} to generate on "
                f"{dist.world} rank(s), {n_batches} batches of {batch_size} | {out}")
     path = out / ("items.jsonl" if dist.world == 1 else f"items.rank{dist.rank}.jsonl")
@@ -475,13 +358,15 @@ def evaluate(units, respond, out, dist=None, batch_size=8, ss_scorer=None, progr
     with open(path, "a+b") as f:  # binary: check the last byte
         if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
             f.write(b"\n")  # end the line an interrupted run left half-written
-        for b in range(n_batches):
+        for batch, spare in batches:
             # ---- batch (a short rank repeats a unit: every rank makes n_batches respond() calls)
-            batch = mine[b * batch_size:(b + 1) * batch_size]
             real = len(batch)
-            batch = batch or [pending[0]]
-            # ---- greedy generation
-            rows = [_as_row(x) for x in respond([load_image(u.item.image) for u in batch], [u.prompt for u in batch])]
+            batch = batch or [spare]
+            # ---- generation: greedy, or sampled from per-unit seeds (independent of the batch)
+            images, prompts = [load_image(u.item.image) for u in batch], [u.prompt for u in batch]
+            rows = respond(images, prompts) if batch[0].sample is None else \
+                respond(images, prompts, temperature=batch[0].temperature, seeds=[u.seed for u in batch])
+            rows = [_as_row(x) for x in rows]
             assert len(rows) == len(batch), f"respond() gave {len(rows)} outputs for {len(batch)} prompts"
             # ---- score, append (the padding unit's result is dropped)
             recs = [score(u, r["output"], r.get("finish"), r.get("n_tokens")) for u, r in zip(batch, rows)]
@@ -545,6 +430,7 @@ def summary_name(args):
     parts += [f"seed{args.seed}"] if args.seed else []
     parts += ["release-super"] if args.super_category == "release" else []
     parts += [f"limit{args.limit}"] if args.limit else []
+    parts += [f"samples{args.samples}-t{args.temperature:g}"] if args.samples else []
     return "_".join(["summary"] + parts) + ".json"
 
 
@@ -628,15 +514,19 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call, per rank (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=0,
                    help="0 = auto: 256 for preset-sized checkpoints, 2048 (release) otherwise")
+    p.add_argument("--samples", type=int, default=0,
+                   help="K > 0: also K sampled answers per prompt, scored as avg@K and pass@K (PAPO: avg@8)")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the sampled answers (default 1.0, PAPO)")
     # Output
     p.add_argument("--out", default=None, help="results folder; default out/eval/<model name>")
     p.add_argument("--table", nargs="+", default=None, metavar="DIR[:TAG]",
                    help="only print finished evaluations (DIR/summary.json or a summary*.json) side by side")
-    p.add_argument("--table-out", default=None, help="with --table: also write PATH.md and PATH.json")
+    p.add_argument("--table-out", default=None, help="with --table: also write PATH.md, PATH.json, PATH.html")
     args = p.parse_args(argv)
     assert args.batch_size >= 1, "--batch-size must be >= 1"
     assert args.limit is None or args.limit >= 1, "--limit must be >= 1"
     assert args.max_new_tokens >= 0, "--max-new-tokens must be >= 0 (0 = auto)"
+    assert args.samples >= 0 and args.temperature > 0, "--samples must be >= 0 and --temperature > 0"
     return args
 
 
@@ -644,13 +534,14 @@ def main(argv=None, respond=None):
     """CLI entry; `respond(images, prompts) -> [str | {"output", ...}]` replaces the model (tests)."""
     args = parse_args(argv)
     if args.table:
-        return compare(args.table, args.table_out)
+        return report.compare(args.table, args.table_out)
     dist = distributed.setup()
     splits = tuple(s for s in SPLITS if getattr(args, s)) or SPLITS
     modes = MODES if args.mode == "both" else (args.mode,)
     files = find_eval_files(args.data, splits)
     items, raw = load_items(files, args.image_root, args.limit)
     units = make_units(items, modes, args.options_order, args.seed, args.super_category, raw)
+    units += sampled_units(units, args.samples, args.temperature, args.seed)
 
     # ---- model
     if respond is None:
@@ -689,13 +580,16 @@ def main(argv=None, respond=None):
     if dist.master:
         if scorer is not None:
             fill_ss(records, scorer)  # resumed records from a run without --siglip
-        summary = summarise(records, model=str(model_path), tag=tag,
-                            settings={**settings, "options_order": args.options_order, "seed": args.seed,
-                                      "super_category": args.super_category, "siglip": args.siglip,
-                                      "files": [str(f) for f in files], "limit": args.limit})
-        (out / summary_name(args)).write_text(json.dumps(summary, indent=1) + "\n")
-        print_tables(summary, tag)
-        print(f"\nwrote {out / summary_name(args)}")
+        summary = report.summarise(records, model=str(model_path), tag=tag,
+                                   settings={**settings, "options_order": args.options_order, "seed": args.seed,
+                                             "super_category": args.super_category, "siglip": args.siglip,
+                                             "files": [str(f) for f in files], "limit": args.limit,
+                                             "samples": args.samples, "temperature": args.temperature})
+        name = summary_name(args)
+        (out / name).write_text(json.dumps(summary, indent=1) + "\n")
+        report.print_tables(summary, tag)
+        report.write_html(out / name.replace("summary", "report").replace(".json", ".html"), {tag: (summary, records)})
+        print(f"\nwrote {out / name}, {out / name.replace('summary', 'report').replace('.json', '.html')}")
     distributed.teardown()
     return summary if dist.master else None
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import eval as ev
+import report
 from data import DataError, EvalItem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,9 @@ def test_closed_world_metrics_on_handwritten_outputs():
         r = ev.score(unit, out)
         assert (r["correct"], r["exact"], r["format"], r["no_option"]) == expect, out
     recs = [ev.score(unit, o) for o in cases]
-    m = ev.summarise(recs)["closed"]["seen"]["bird"]
+    m = report.summarise(recs)["closed"]["seen"]["bird"]
+    lo, hi = m.pop("ci")["acc"]
+    assert lo < 300 / 7 < hi
     assert m == {"acc": pytest.approx(300 / 7, abs=1e-3), "exact": pytest.approx(100 / 7, abs=1e-3),
                  "format": pytest.approx(500 / 7, abs=1e-3), "no_option": pytest.approx(300 / 7, abs=1e-3),
                  "truncated": 0.0, "n": 7}
@@ -104,7 +107,8 @@ def test_open_world_metrics_on_handwritten_outputs():
     assert (r["correct"], r["exact"]) == (True, False)  # cars: body type and year not required
     assert not ev.text_inclusion("<answer>Suzuki Aerio</answer>", car.ground_truth, "object")
     assert ev.score(uc, "<answer>Suzuki Aerio Sedan 2007</answer>")["exact"]
-    m = ev.summarise([ev.score(ub, "<answer>Black Footed Albatross</answer>"), ev.score(ub, "x")])["open"]
+    m = report.summarise([ev.score(ub, "<answer>Black Footed Albatross</answer>"), ev.score(ub, "x")])["open"]
+    assert "ss_rel" not in m["unseen"]["bird"].pop("ci")  # no interval for what is unavailable
     assert m["unseen"]["bird"] == {"ti": 50.0, "exact": 50.0, "ss_rel": None, "format": 0.0, "truncated": 0.0, "n": 2}
     assert "seen" not in m and m["overall"] is None
 
@@ -170,7 +174,7 @@ def test_shuffling_is_deterministic_and_keeps_the_ground_truth(tmp_path):
 def test_release_sample_files_load():
     """The release's sample eval files load (dataset / split from the name) and give both prompts."""
     files = ev.find_eval_files([FORMATS / "eval_bird_seen.sample.jsonl", FORMATS / "eval_car_unseen.sample.jsonl"],
-                               ev.SPLITS)
+                               report.SPLITS)
     items, raw = ev.load_items(files, image_root="/data")
     assert len(items) == 10 and {(i.dataset, i.split) for i in items} == {("bird", "seen"), ("car", "unseen")}
     assert raw[0].startswith("bird_200/images/") and items[0].image.startswith("/data/bird_200")
@@ -257,8 +261,8 @@ def test_split_and_mode_flags(tmp_path):
 # Summary, table, model resolution, responder
 
 def rec(mode, split, dataset, correct, **kw):
-    base = {"mode": mode, "split": split, "dataset": dataset, "correct": correct, "exact": correct, "format": True,
-            "no_option": False, "ss_rel": 0.5, "finish": "stop"}
+    base = {"source": "f.jsonl:1", "mode": mode, "split": split, "dataset": dataset, "correct": correct,
+            "exact": correct, "format": True, "no_option": False, "ss_rel": 0.5, "finish": "stop"}
     return {**base, **kw}
 
 
@@ -266,18 +270,19 @@ def test_summary_averages_datasets_and_overall_is_the_mean_of_seen_and_unseen():
     """Split avg = unweighted mean over datasets; overall = (seen avg + unseen avg) / 2; table rows per tag."""
     recs = ([rec("closed", "seen", "bird", True)] * 3 + [rec("closed", "seen", "car", False)]
             + [rec("closed", "unseen", "bird", True), rec("closed", "unseen", "bird", False, finish="length")])
-    s = ev.summarise(recs, tag="x")
+    s = report.summarise(recs, tag="x")
     assert s["closed"]["seen"]["avg"]["acc"] == 50.0 and s["closed"]["seen"]["avg"]["n"] == 4
     assert s["closed"]["unseen"]["avg"]["acc"] == 50.0 and s["closed"]["unseen"]["bird"]["truncated"] == 50.0
     assert s["closed"]["overall"]["acc"] == 50.0 and s["closed"]["overall"]["n"] == 6
     assert list(s["closed"]["seen"]) == ["bird", "car", "avg"] and "open" not in s
-    other = ev.summarise([rec("closed", "seen", "bird", False)])
-    table = ev.markdown_table({"CoT SFT": s, "Base": other}, "closed", "acc")
+    other = report.summarise([rec("closed", "seen", "bird", False)])
+    table = report.markdown_table({"CoT SFT": s, "Base": other}, "closed", "acc", marks={("Base", "bird seen")})
     assert table.splitlines() == [
         "| Method | bird seen | bird unseen | car seen | Seen avg | Unseen avg | Overall |",
         "|---|---|---|---|---|---|---|",
-        "| CoT SFT | 100.00 | 50.00 | 0.00 | 50.00 | 50.00 | 50.00 |",
-        "| Base | 0.00 | - | - | 0.00 | - | - |"]
+        "| CoT SFT | 100.00 [100.0, 100.0] | 50.00 [0.0, 100.0] | 0.00 [0.0, 0.0] | 50.00 [50.0, 50.0] "
+        "| 50.00 [0.0, 100.0] | 50.00 [25.0, 75.0] |",
+        "| Base | 0.00* [0.0, 0.0] | - | - | 0.00 [0.0, 0.0] | - | - |"]
 
 
 def test_table_mode_puts_finished_evaluations_side_by_side(tmp_path, capsys):
@@ -291,10 +296,12 @@ def test_table_mode_puts_finished_evaluations_side_by_side(tmp_path, capsys):
                    str(tmp_path / "missing"), "--table-out", str(tmp_path / "res" / "results")])
     assert list(got) == ["Release order", "fake"]
     printed = capsys.readouterr().out
-    assert "| Release order | 100.00 | 100.00 | 100.00 | 100.00 | 100.00 |" in printed
+    assert "| Release order | " + " | ".join(["100.00 [100.0, 100.0]"] * 5) + " |" in printed
     assert "Open-world SS_rel (%): unavailable (no --siglip)" in printed and "row skipped" in printed
     assert (tmp_path / "res" / "results.md").read_text().startswith("Closed-world accuracy")
     assert set(json.loads((tmp_path / "res" / "results.json").read_text())) == {"Release order", "fake"}
+    assert "| fake | " in printed and "*" in printed.split("| fake | ")[1].splitlines()[0]  # 100 -> ~25: marked
+    assert (tmp_path / "res" / "results.html").exists()
 
 
 def test_default_model_is_the_newest_checkpoint_of_the_pipeline(tmp_path, monkeypatch):
@@ -383,5 +390,6 @@ def test_two_ranks_shard_pad_and_gather(tmp_path):
     keys = [json.loads(x)["key"] for k in (0, 1) for x in (out / f"items.rank{k}.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 5
     s = json.loads((out / "summary_closed_release-order.json").read_text())
+    assert s["closed"]["seen"]["bird"].pop("ci")["acc"] == [100.0, 100.0]
     assert s["closed"]["seen"]["bird"] == {"acc": 100.0, "exact": 100.0, "format": 100.0, "no_option": 0.0,
                                            "truncated": 0.0, "n": 5}
