@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageStat
 
 import eval as ev
 import report
@@ -353,6 +353,93 @@ def test_tiny_model_end_to_end(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Sampled answers, batch invariance, the page
+
+def sampler(images, prompts, temperature=None, seeds=None):
+    """Greedy: the first option; sampled: the option its seed points at (open world: a fixed wrong label)."""
+    if temperature is None:
+        return first_option(images, prompts)
+    return [f"<answer>{shown_options(p)[s % 4]}</answer>" if "options provided" in p else "<answer>x</answer>"
+            for p, s in zip(prompts, seeds)]
+
+
+def test_samples_give_avg_and_pass_at_k_resumably_and_leave_greedy_alone(tmp_path):
+    """--samples K adds avg@K / pass@K (seeded, batch-independent), keeps the greedy figures, and resumes per sample."""
+    data = eval_files(tmp_path / "d", 6)
+    calls = []
+
+    def counting(images, prompts, **kw):
+        calls.append((len(prompts), kw.get("temperature")))
+        return sampler(images, prompts, **kw)
+    greedy = run_main(tmp_path / "g", data, "--mode", "closed", respond=sampler)
+    s = run_main(tmp_path, data, "--mode", "closed", "--samples", "3", "--batch-size", "4", respond=counting)
+    assert sum(n for n, t in calls if t == 1.0) == 12 * 3 and sum(n for n, t in calls if t is None) == 12
+    avg = s["closed"]["seen"]["avg"]
+    assert avg["acc"] == greedy["closed"]["seen"]["avg"]["acc"] and {"avg@3", "pass@3"} <= set(avg["ci"])
+    assert avg["avg@3"] <= avg["pass@3"] and 0 < avg["avg@3"] < 100
+    assert (tmp_path / "out" / "summary_closed_samples3-t1.json").exists()
+    calls.clear()
+    again = run_main(tmp_path, data, "--mode", "closed", "--samples", "3", "--batch-size", "5", respond=counting)
+    assert calls == [] and again["closed"] == s["closed"]
+    other = run_main(tmp_path / "b", data, "--mode", "closed", "--samples", "3", "--batch-size", "7", respond=sampler)
+    assert other["closed"] == s["closed"]  # sample seeds depend on the item, not on the batch
+    run_main(tmp_path, data, "--mode", "closed", "--samples", "5", respond=counting)
+    assert sum(n for n, _ in calls) == 12 * 2  # only samples 3 and 4 are new
+
+
+def pixel_echo(images, prompts):
+    """A fake model whose answer depends on its own image and prompt only (mean pixel, prompt length)."""
+    return [f"<answer>{ImageStat.Stat(im.convert('L')).mean[0]:.0f}-{len(p)}</answer>"
+            for im, p in zip(images, prompts)]
+
+
+def test_records_do_not_depend_on_batch_size(tmp_path):
+    """With a model that is batch-invariant, every item's record is the same at batch sizes 1, 3 and 16."""
+    data = eval_files(tmp_path / "d", 7, datasets=("bird", "car"))
+    for i, f in enumerate(sorted(data.glob("*.jsonl"))):  # images of several sizes: batches mix lengths
+        Image.new("RGB", (56 + 28 * i, 56), (40 * i, 90, 10)).save(data / f"im{i}.png")
+        lines = [json.loads(x) for x in f.read_text().splitlines()]
+        f.write_text("".join(json.dumps({**x, "image_path": f"im{i}.png"}) + "\n" for x in lines))
+    outs = {}
+    for bs in (1, 3, 16):
+        run_main(tmp_path / str(bs), data, "--batch-size", str(bs), respond=pixel_echo)
+        recs = report.load_records(tmp_path / str(bs) / "out")
+        outs[bs] = {k: (r["output"], r["correct"]) for k, r in recs.items()}
+    assert len(outs[1]) == 56 and outs[1] == outs[3] == outs[16]
+    assert len({o for o, _ in outs[1].values()}) >= 4  # the answers do differ between items
+
+
+def test_tiny_model_greedy_outputs_do_not_depend_on_the_batch(tiny):
+    """Greedy generation of a (perturbed, non-degenerate) tiny model gives each prompt the same text at batch
+    sizes 1 and 6, with left padding from mixed image sizes and prompt lengths (fp32, CPU)."""
+    pytest.importorskip("rollout")
+    import copy
+    model, proc = tiny
+    model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # random init answers "\n" everywhere: nothing to compare
+    respond = ev.make_responder(model, proc, 8)
+    rng = random.Random(0)
+    imgs = [Image.new("RGB", (rng.choice([56, 84, 112]), rng.choice([56, 84])), (rng.randrange(256), 90, 30))
+            for _ in range(6)]
+    prompts = [("What bird is this? " * rng.randint(1, 4)).strip() for _ in range(6)]
+    one = [respond([i], [p])[0]["output"] for i, p in zip(imgs, prompts)]
+    assert [r["output"] for r in respond(imgs, prompts)] == one
+    assert len(set(one)) > 3
+
+
+def test_run_writes_a_self_contained_report_page(tmp_path):
+    """A run writes report.html next to summary.json: tables with intervals, embedded images, the responses."""
+    data = eval_files(tmp_path / "d", 3)
+    run_main(tmp_path, data)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "http" not in page and "[" in page
+    assert "Closed world, unseen classes" in page and "&lt;think&gt; hmm &lt;/think&gt;" in page
+
+
+# ----------------------------------------------------------------------------------------------------------
 # torchrun
 
 WORKER = '''
@@ -372,7 +459,8 @@ with open(os.path.join({out!r}, "calls.rank" + os.environ["RANK"]), "w") as f:
 
 
 def test_two_ranks_shard_pad_and_gather(tmp_path):
-    """Under torchrun (2 ranks, gloo): every item once, equal respond() counts per rank, rank 0's summary whole."""
+    """Under torchrun (2 ranks, gloo): every item once, equal respond() counts per rank, rank 0's summary whole
+    and equal to one process's."""
     data = eval_files(tmp_path / "d", 5, splits=("seen",))  # 5 prompts: 3 on rank 0, 2 (+ 1 padding) on rank 1
     out = tmp_path / "out"
     out.mkdir()
@@ -390,6 +478,8 @@ def test_two_ranks_shard_pad_and_gather(tmp_path):
     keys = [json.loads(x)["key"] for k in (0, 1) for x in (out / f"items.rank{k}.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 5
     s = json.loads((out / "summary_closed_release-order.json").read_text())
+    one = run_main(tmp_path / "one", data, "--batch-size", "3", "--options-order", "release", "--mode", "closed")
+    assert one["closed"] == s["closed"]
     assert s["closed"]["seen"]["bird"].pop("ci")["acc"] == [100.0, 100.0]
     assert s["closed"]["seen"]["bird"] == {"acc": 100.0, "exact": 100.0, "format": 100.0, "no_option": 0.0,
                                            "truncated": 0.0, "n": 5}
