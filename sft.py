@@ -74,6 +74,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import distributed
+import report
 from data import DataError, chat_messages, encode_prompts, encode_responses, join_prompt_response, \
     length_grouped_batches, load_image, load_stage1, rl_prompt, SYSTEM_PROMPT_R1
 from policy import PRESETS, load_optimizer_state, load_policy, load_trainer_state, newest_checkpoint, \
@@ -465,6 +466,8 @@ def main(argv=None):
                  "rng": distributed.all_gather_objects(rng_state())}  # collective: every rank's RNG streams
         save_checkpoint(out / name, model, processor, state=state, rank=dist.rank,
                         optimizer_state=optimizer_state(model, optimizer))  # collective under FSDP2
+        if dist.master:
+            report.plot_curves(out)  # out/curves.png from metrics.jsonl (issue 15)
 
     # ---- loop
     t_start = time.time()

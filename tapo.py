@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
+import report
 from data import encode_prompts, join_prompt_response, load_stage2, load_triplet, rl_prompt, SYSTEM_PROMPT_R1
 from policy import (load_optimizer_state, load_policy, load_trainer_state, newest_checkpoint, optimizer_state,
                     save_checkpoint, token_logprobs, vision_token_ids)
@@ -524,6 +525,8 @@ def main(argv=None):
             opt_sd = optimizer_state(model, opt)  # collective under FSDP2
             save_checkpoint(out / ("final" if last_step else f"step_{step}"), model, processor, state=state,
                             rank=dist.rank, optimizer_state=opt_sd)
+            if dist.master:
+                report.plot_curves(out)  # out/curves.png from metrics.jsonl (issue 15)
         if timed_out:
             dist.print(f"--max-minutes {args.max_minutes} reached at step {step}: saved and stopping")
             break
