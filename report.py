@@ -346,12 +346,12 @@ body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#222;max-width:1800px}
 h1{font-size:20px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ccc}h3{font-size:15px}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}
 th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.items td{max-width:420px}.ok{background:#e3f4e3}.bad{background:#fbe4e4}
+.items td{max-width:520px}.ok{background:#e3f4e3}.bad{background:#fbe4e4}
 .verdict{font-weight:600}.ok .verdict{color:#17631b}.bad .verdict{color:#9b1c1c}
 .think{white-space:pre-wrap;color:#555;background:#f7f7f2;border-left:3px solid #c9c38f;padding:3px 6px;
 margin:3px 0;font-size:13px}.answer{white-space:pre-wrap;font-weight:600}.rest{white-space:pre-wrap;color:#777}
 .q{font-size:13px}.opts{font-size:13px;color:#444}img.item{width:160px;height:auto;image-rendering:auto}
-.note{color:#666;font-size:12px}pre{white-space:pre-wrap}
+.note{color:#666;font-size:12px}.resp{max-height:18em;overflow-y:auto}
 """
 
 
@@ -378,16 +378,16 @@ def response_html(output):
     parts = []
     s, e = text.find("<think>"), text.find("</think>")
     if s != -1 and e > s:
-        parts.append(f'<div class="rest">{_esc(text[:s])}</div>' if text[:s].strip() else "")
+        parts.append(f'<div class="rest">{_esc(text[:s].strip())}</div>' if text[:s].strip() else "")
         parts.append(f'<div class="think">&lt;think&gt; {_esc(text[s + 7:e].strip())} &lt;/think&gt;</div>')
         text = text[e + 8:]
     a, b = text.find("<answer>"), text.rfind("</answer>")
     if a != -1 and b > a:
-        parts.append(f'<div class="rest">{_esc(text[:a])}</div>' if text[:a].strip() else "")
+        parts.append(f'<div class="rest">{_esc(text[:a].strip())}</div>' if text[:a].strip() else "")
         parts.append(f'<div class="answer">&lt;answer&gt; {_esc(text[a + 8:b].strip())} &lt;/answer&gt;</div>')
         text = text[b + 9:]
     if text.strip():
-        parts.append(f'<div class="rest">{_esc(text)}</div>')
+        parts.append(f'<div class="rest">{_esc(text.strip())}</div>')
     return "".join(parts) or '<div class="rest">(empty)</div>'
 
 
@@ -406,10 +406,11 @@ def predicted(r):
 
 
 def confusions(records, top=10):
-    """[(ground truth, predicted, count)] of the wrong greedy answers, most frequent first."""
+    """[(ground truth, predicted, count)] of the wrong greedy answers that name something, most frequent first
+    (answers without an <answer> are counted by the page apart: they confuse nothing with anything)."""
     counts = {}
     for r in records:
-        if r.get("sample") is None and not r["correct"]:
+        if r.get("sample") is None and not r["correct"] and r.get("answer"):
             pair = (r["ground_truth"], predicted(r))
             counts[pair] = counts.get(pair, 0) + 1
     return [(g, p, c) for (g, p), c in sorted(counts.items(), key=lambda x: (-x[1], x[0]))][:top]
@@ -458,9 +459,7 @@ def write_html(path, runs, tables=None, curves=None, n_items=8, seed=0):
             body.append(f"<h2>{name}, {split} classes</h2>")
             row = "".join(f"<td>{_split_summary(runs[t][0], mode, split)}</td>" for t in tags)
             body.append("<table><tr>" + "".join(f"<th>{_esc(t)}</th>" for t in tags) + f"</tr><tr>{row}</tr>")
-            conf = "".join("<td><table><tr><th>ground truth</th><th>predicted</th><th>n</th></tr>"
-                           + "".join(f"<tr><td>{_esc(g)}</td><td>{_esc(p)}</td><td class='num'>{c}</td></tr>"
-                                     for g, p, c in confusions(recs[t])) + "</table></td>" for t in tags)
+            conf = "".join(f"<td>{_confusions_html(recs[t])}</td>" for t in tags)
             body.append(f"<tr>{conf}</tr></table>")
             body.append(_items_html(recs, tags, n_items, f"{seed}/{mode}/{split}"))
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
@@ -470,12 +469,24 @@ def write_html(path, runs, tables=None, curves=None, n_items=8, seed=0):
     return path
 
 
+def _confusions_html(recs):
+    pairs = confusions(recs)
+    wrong = sum(not r["correct"] for r in recs)
+    silent = sum(not r["correct"] and not r.get("answer") for r in recs)
+    head = f"<div class='note'>{wrong} of {len(recs)} wrong, {silent} of them without an answer</div>"
+    if not pairs:
+        return head
+    return (head + "<table><tr><th>ground truth</th><th>predicted</th><th>n</th></tr>"
+            + "".join(f"<tr><td>{_esc(g)}</td><td>{_esc(p)}</td><td class='num'>{c}</td></tr>" for g, p, c in pairs)
+            + "</table>")
+
+
 def _split_summary(summary, mode, split):
     m = ((summary.get(mode) or {}).get(split) or {}).get("avg")
     if not m:
         return "-"
-    return "<br>".join(f"{_esc(k)} <b>{v:.1f}</b>" + (f" [{m['ci'][k][0]:.1f}, {m['ci'][k][1]:.1f}]"
-                                                      if k in m["ci"] else "")
+    ci = m.get("ci") or {}  # summaries written before intervals have none
+    return "<br>".join(f"{_esc(k)} <b>{v:.1f}</b>" + (f" [{ci[k][0]:.1f}, {ci[k][1]:.1f}]" if k in ci else "")
                        for k, v in m.items() if k not in ("n", "ci") and v is not None) + f"<br>n {m['n']}"
 
 
@@ -496,7 +507,8 @@ def _items_html(recs, tags, n, seed_str):
             r = by_tag[t][key]
             ok = bool(r["correct"])
             cells.append(f"<td class='{'ok' if ok else 'bad'}'><div class='verdict'>{'correct' if ok else 'wrong'}"
-                         f"</div><div class='note'>picked: {_esc(predicted(r))}</div>{response_html(r['output'])}</td>")
+                         f"</div><div class='note'>picked: {_esc(predicted(r))}</div><div class='resp'>{response_html(r['output'])}"
+                         "</div></td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     head = "<tr><th>item</th>" + "".join(f"<th>{_esc(t)}</th>" for t in tags) + "</tr>"
     return (f"<h3>{len(keys)} items (seeded sample of {len(common)})</h3><table class='items'>{head}"
