@@ -24,6 +24,7 @@ import base64
 import html
 import io
 import json
+import math
 import random
 import zlib
 from pathlib import Path
@@ -325,7 +326,7 @@ def compare(specs, out=None):
     for tag, s in summaries.items():  # the training run a checkpoint came from: out/tapo/final -> out/tapo
         run = Path(str((s.get("settings") or {}).get("model") or s.get("model") or "")).parent
         png = plot_curves(run) if (run / "metrics.jsonl").exists() else None
-        if png:
+        if png and png not in curves.values():  # two evaluations of one run: its curves once
             curves[tag] = png
             print(f"curves: {png}")
     if out:
@@ -345,7 +346,7 @@ CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#222;max-width:1800px}
 h1{font-size:20px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ccc}h3{font-size:15px}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}
-th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .items td{max-width:520px}.ok{background:#e3f4e3}.bad{background:#fbe4e4}
 .verdict{font-weight:600}.ok .verdict{color:#17631b}.bad .verdict{color:#9b1c1c}
 .think{white-space:pre-wrap;color:#555;background:#f7f7f2;border-left:3px solid #c9c38f;padding:3px 6px;
@@ -499,7 +500,8 @@ def _items_html(recs, tags, n, seed_str):
     for key in keys:
         r0 = by_tag[tags[0]][key]
         uri = image_data_uri(r0["image"])
-        img = f"<img class='item' src='{uri}' alt='{_esc(r0['image'])}'>" if uri else f"(image {_esc(r0['image'])} unreadable)"
+        img = (f"<img class='item' src='{uri}' alt='{_esc(r0['image'])}'>" if uri
+               else f"(image {_esc(r0['image'])} unreadable)")
         opts = f"<div class='opts'>options: {_esc(', '.join(r0['options']))}</div>" if r0.get("options") else ""
         cells = [f"<td>{img}<div class='q'>{_esc(r0['question'])}</div>{opts}<div>truth: <b>{_esc(r0['ground_truth'])}"
                  f"</b></div><div class='note'>{_esc(r0['source'])}</div></td>"]
@@ -507,8 +509,8 @@ def _items_html(recs, tags, n, seed_str):
             r = by_tag[t][key]
             ok = bool(r["correct"])
             cells.append(f"<td class='{'ok' if ok else 'bad'}'><div class='verdict'>{'correct' if ok else 'wrong'}"
-                         f"</div><div class='note'>picked: {_esc(predicted(r))}</div><div class='resp'>{response_html(r['output'])}"
-                         "</div></td>")
+                         f"</div><div class='note'>picked: {_esc(predicted(r))}</div>"
+                         f"<div class='resp'>{response_html(r['output'])}</div></td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     head = "<tr><th>item</th>" + "".join(f"<th>{_esc(t)}</th>" for t in tags) + "</tr>"
     return (f"<h3>{len(keys)} items (seeded sample of {len(common)})</h3><table class='items'>{head}"
@@ -560,17 +562,19 @@ def plot_curves(run_dir, name="curves.png"):
         pts = [(s, float(by_step[s][k])) for s in steps if isinstance(by_step[s].get(k), (int, float))]
         ys = [v for _, v in pts]
         lo, hi = min(ys), max(ys)
+        log = lo > 0 and hi / lo > 20  # a loss spike at step 1 would flatten everything after it
+        f = math.log10 if log else float
         hi = hi if hi > lo else lo + (abs(lo) * 0.1 or 1.0)
         left, right, top, bottom = x0 + 52, x0 + W - 10, y0 + 20, y0 + H - 22
         d.rectangle([left, top, right, bottom], outline="#999")
-        d.text((x0 + 52, y0 + 4), f"{k}  (last {ys[-1]:.4g})", fill="black", font=big)
+        d.text((x0 + 52, y0 + 4), f"{k}  (last {ys[-1]:.4g}){'  log scale' if log else ''}", fill="black", font=big)
         d.text((x0 + 2, top - 4), f"{hi:.3g}", fill="#555", font=small)
         d.text((x0 + 2, bottom - 10), f"{lo:.3g}", fill="#555", font=small)
         d.text((left, bottom + 4), str(steps[0]), fill="#555", font=small)
         d.text((right - 24, bottom + 4), str(steps[-1]), fill="#555", font=small)
         span = max(1, steps[-1] - steps[0])
-        xy = [(left + (s - steps[0]) / span * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top))
-              for s, v in pts]
+        xy = [(left + (s - steps[0]) / span * (right - left),
+               bottom - (f(v) - f(lo)) / (f(hi) - f(lo)) * (bottom - top)) for s, v in pts]
         if len(xy) > 1:
             d.line(xy, fill="#1f5fa8", width=2)
         for p in xy if len(xy) <= 40 else []:
