@@ -4,6 +4,7 @@ Used by eval.py (summary.json, the printed tables, report.html, `--table`) and b
 each checkpoint). Imports nothing of the project, so any stage can call it.
 
     summarise(records)            -> summary dict; every rate carries "ci": {metric: [lo, hi]}
+    agreement(dir_a, dir_b)       -> (prompts, identical outputs, changed verdicts) of two evaluations
     tables_text({tag: summary})   -> the markdown tables (run.sh's out/results.md)
     compare(["DIR:TAG", ...])     -> prints the tables with paired-bootstrap marks, writes PATH.md/.json/.html
     write_html(path, runs)        -> one self-contained page: summary, confusions, items (side by side)
@@ -55,6 +56,15 @@ def load_records(folder):
             if isinstance(rec, dict) and "key" in rec and "output" in rec:
                 done[rec["key"]] = rec
     return done
+
+
+def agreement(folder_a, folder_b):
+    """(prompts both folders answered, identical outputs, changed verdicts): batch invariance between two
+    evaluations of one model, e.g. --batch-size 1 vs 32 or 1 process vs torchrun (README: measured rates)."""
+    a, b = load_records(folder_a), load_records(folder_b)
+    common = [k for k in a if k in b]
+    return (len(common), sum(a[k]["output"] == b[k]["output"] for k in common),
+            sum(a[k]["correct"] != b[k]["correct"] for k in common))
 
 
 def item_key(r):

@@ -406,6 +406,7 @@ def test_records_do_not_depend_on_batch_size(tmp_path):
         recs = report.load_records(tmp_path / str(bs) / "out")
         outs[bs] = {k: (r["output"], r["correct"]) for k, r in recs.items()}
     assert len(outs[1]) == 56 and outs[1] == outs[3] == outs[16]
+    assert report.agreement(tmp_path / "1" / "out", tmp_path / "16" / "out") == (56, 56, 0)
     assert len({o for o, _ in outs[1].values()}) >= 4  # the answers do differ between items
 
 
