@@ -532,6 +532,7 @@ def _items_html(recs, tags, n, seed_str):
 
 CURVES = {"tapo": ("reward", "acc", "kept_frac", "kl_neg", "entropy", "loss"),
           "sft": ("loss", "lr", "grad_norm")}
+UPDATE_ONLY = ("kl_neg", "entropy", "loss")  # TAPO logs 0 for these on a step where no group survived
 
 
 def _font(size):
@@ -541,26 +542,33 @@ def _font(size):
         return ImageFont.load_default()
 
 
+def curve_series(run_dir):
+    """{metric: [(step, value)]} of run_dir/metrics.jsonl for the run's CURVES ({} without metrics). A resumed
+    run rewrites its steps: the last line of a step wins; a torn line is skipped."""
+    by_step = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(m, dict) and "step" in m:
+            by_step[m["step"]] = m
+    keys = CURVES["tapo"] if any("reward" in m for m in by_step.values()) else CURVES["sft"]
+    series = {k: [(s, float(by_step[s][k])) for s in sorted(by_step) if isinstance(by_step[s].get(k), (int, float))
+                  and not (k in UPDATE_ONLY and by_step[s].get("updates") == 0)] for k in keys}
+    return {k: v for k, v in series.items() if v}
+
+
 def plot_curves(run_dir, name="curves.png"):
     """run_dir/curves.png: one small panel per metric of run_dir/metrics.jsonl against step (TAPO: reward, acc,
     kept_frac, kl_neg, entropy, loss; SFT: loss, lr, grad_norm). Returns the path, or None without metrics."""
     run_dir = Path(run_dir)
-    by_step = {}
-    try:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                m = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(m, dict) and "step" in m:
-                by_step[m["step"]] = m  # a resumed run rewrites its steps: the last line wins
-    except FileNotFoundError:
+    series = curve_series(run_dir)
+    if not series:
         return None
-    if not by_step:
-        return None
-    steps = sorted(by_step)
-    keys = CURVES["tapo"] if any("reward" in m for m in by_step.values()) else CURVES["sft"]
-    keys = [k for k in keys if any(isinstance(by_step[s].get(k), (int, float)) for s in steps)]
+    steps = sorted({s for pts in series.values() for s, _ in pts})
+    keys = list(series)
     W, H, cols = 300, 170, 3
     rows = (len(keys) + cols - 1) // cols
     img = Image.new("RGB", (W * cols, H * rows + 24), "white")
@@ -569,7 +577,7 @@ def plot_curves(run_dir, name="curves.png"):
     d.text((6, 4), f"{run_dir}  (steps {steps[0]}-{steps[-1]})", fill="black", font=big)
     for i, k in enumerate(keys):
         x0, y0 = (i % cols) * W, 24 + (i // cols) * H
-        pts = [(s, float(by_step[s][k])) for s in steps if isinstance(by_step[s].get(k), (int, float))]
+        pts = series[k]
         ys = [v for _, v in pts]
         lo, hi = min(ys), max(ys)
         log = lo > 0 and hi / lo > 20  # a loss spike at step 1 would flatten everything after it

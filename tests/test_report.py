@@ -107,11 +107,16 @@ def test_page_is_self_contained_and_shows_items_side_by_side(tmp_path):
 
 
 def test_curves_png_from_metrics_jsonl(tmp_path):
-    """plot_curves draws a TAPO run's six panels (last line of a repeated step wins) and SFT's three; none without."""
+    """plot_curves draws a TAPO run's six panels (last line of a repeated step wins, steps without an update have
+    no loss / kl / entropy) and SFT's three; none without metrics."""
     lines = [{"step": s, "reward": 0.1 * s, "acc": 0.05, "kept_frac": 0.3, "kl_neg": 0.01, "entropy": 1.2,
-              "loss": -0.1, "grad_norm": 1.0} for s in (1, 2, 3, 2, 3, 4)]
+              "loss": -0.1, "grad_norm": 1.0, "updates": 1} for s in (1, 2, 3, 2, 3, 4)]
+    lines.append({"step": 5, "reward": 0.0, "acc": 0.0, "kept_frac": 0.0, "kl_neg": 0.0, "entropy": 0.0, "loss": 0.0,
+                  "updates": 0})  # no group survived: its zeros are not measurements
     (tmp_path / "tapo").mkdir()
     (tmp_path / "tapo" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 5, "rew')
+    series = report.curve_series(tmp_path / "tapo")
+    assert [s for s, _ in series["reward"]] == [1, 2, 3, 4, 5] and [s for s, _ in series["loss"]] == [1, 2, 3, 4]
     png = report.plot_curves(tmp_path / "tapo")
     with Image.open(png) as im:
         tapo_size = im.size
