@@ -279,7 +279,8 @@ def tables_text(summaries, marks=None):
             parts.append(f"{title}\n{markdown_table(summaries, mode, metric, (marks or {}).get((mode, metric)))}")
     if marks:
         parts.append("[lo, hi]: 95% bootstrap interval over items. *: differs from the row above beyond noise "
-                     "(95% paired-bootstrap interval of the difference over the same items excludes 0).")
+                     "(95% paired-bootstrap interval of the difference over the same items excludes 0; each cell "
+                     "is tested on its own, so about 1 cell in 20 can be marked by chance).")
     return "\n\n".join(parts)
 
 
@@ -502,10 +503,15 @@ def _split_summary(summary, mode, split):
 
 
 def _items_html(recs, tags, n, seed_str):
-    """A seeded sample of n items every run answered: image, question, options, then each run's response."""
+    """A seeded sample of n items every run answered: image, question, options, then each run's response. With
+    several runs, up to half of the sample are items on which their verdicts differ (what a reader compares)."""
     by_tag = {t: {item_key(r): r for r in recs[t]} for t in tags}
     common = sorted(set.intersection(*(set(v) for v in by_tag.values())))
-    keys = sorted(random.Random(seed_str).sample(common, min(n, len(common))))
+    differ = [k for k in common if len({bool(by_tag[t][k]["correct"]) for t in tags}) > 1]
+    rng = random.Random(seed_str)
+    keys = rng.sample(differ, min(n // 2, len(differ)))
+    rest = [k for k in common if k not in set(keys)]
+    keys = sorted(keys + rng.sample(rest, min(n - len(keys), len(rest))))
     rows = []
     for key in keys:
         r0 = by_tag[tags[0]][key]
@@ -523,7 +529,9 @@ def _items_html(recs, tags, n, seed_str):
                          f"<div class='resp'>{response_html(r['output'])}</div></td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     head = "<tr><th>item</th>" + "".join(f"<th>{_esc(t)}</th>" for t in tags) + "</tr>"
-    return (f"<h3>{len(keys)} items (seeded sample of {len(common)})</h3><table class='items'>{head}"
+    why = (f"; {len(differ)} where the runs' verdicts differ, up to half of the sample from those"
+           if len(tags) > 1 else "")
+    return (f"<h3>{len(keys)} items (seeded sample of {len(common)}{why})</h3><table class='items'>{head}"
             + "".join(rows) + "</table>")
 
 
