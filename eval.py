@@ -24,8 +24,9 @@ Open world: "Given the question: .... This is a fine-grained question. ..." (dat
                (release: google/siglip-base-patch16-256), super = the super-category word ("bird", "car")
     avg@K      --samples K: mean acc (closed) / ti (open) of K answers sampled at --temperature; pass@K: share of
                items with a correct one among its K. Greedy figures are unchanged by --samples.
-All figures are percentages, each with a 95% bootstrap interval over items (report.py). Averages are means over datasets (as the paper); "overall" is the arithmetic
-mean of the seen and unseen averages (REFERENCE.md section 6: 74.68 = (77.43 + 71.94) / 2), not a harmonic mean.
+All figures are percentages, each with a 95% bootstrap interval over items (report.py). Averages are means
+over datasets (as the paper); "overall" is the arithmetic mean of the seen and unseen averages (REFERENCE.md
+section 6: 74.68 = (77.43 + 71.94) / 2), not a harmonic mean.
 
 Outputs in --out (default out/eval/<model name>):
     items.jsonl (items.rank{r}.jsonl under torchrun)   one line per item and mode, appended as batches finish:
