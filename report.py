@@ -17,7 +17,8 @@ Intervals (REFERENCE.md section 5 gives point estimates only; these are ours):
    unseen averages) average the per-dataset resampled means, so their intervals follow the paper's averaging.
 2. Table marks: a cell gets "*" when the 95% paired-bootstrap interval of (this row - the row above), over the
    items both runs evaluated, excludes 0. The per-item verdicts are read from the runs' items*.jsonl as stored
-   (eval.py writes them with the same rules it summarises with).
+   at generation. note: eval.py re-scores stored outputs for its summary but does not rewrite items*.jsonl, so
+   after a change of scoring rules the marks use the old verdicts until the items are regenerated.
 3. avg@K = mean accuracy over K sampled answers per item; pass@K = share of items with at least one correct
    answer among its K (exactly K samples, so the plain rate is the unbiased estimator).
 """
