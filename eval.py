@@ -1,12 +1,14 @@
 """Closed-world and open-world evaluation on seen and unseen classes (Fine-R1 paper, Tables 1 and 2).
 
-The release's protocol (REFERENCE.md section 5, eval/evaluation.py of the release): one prompt per image,
+The release's protocol (README "Release facts", eval/evaluation.py of the release): one prompt per image,
 greedy decoding, the answer parsed from <answer>...</answer> and scored by text inclusion.
 
     python eval.py --unseen                                   # newest checkpoint of out/tapo | out/sft_cot | out/base
     python eval.py --model out/sft_cot/final --tag "CoT SFT"  # a checkpoint folder (or a run dir, or a preset)
-    python eval.py --model /ckpt/Fine-R1-3B --data /data/eval/*.jsonl --image-root /data --siglip /ckpt/siglip
+    python eval.py --model /ckpt/Fine-R1-3B --data /data/eval/bird_seen.jsonl,/data/eval/bird_unseen.jsonl \\
+        --image-root /data --siglip /ckpt/siglip
     torchrun --nproc_per_node 8 eval.py --model /ckpt/Fine-R1-7B --data /data/eval --image-root /data
+    python eval.py --model out/tapo/final --samples 8 --temperature 1.0  # + avg@8 / pass@8 (PAPO's protocol)
     python eval.py --table out/eval/sft_cot:"CoT SFT" out/eval/tapo:"+ TAPO" --table-out out/results  # side by side
 
 Closed world: "Given the question: ..., based on the options provided in [4 labels] ..." (data.closed_prompt).
@@ -21,21 +23,27 @@ Open world: "Given the question: .... This is a fine-grained question. ..." (dat
     exact      as above
     ss_rel     max(0, (cos(pred, gt) - cos(super, gt)) / (1 - cos(super, gt))), SigLIP text embeddings
                (release: google/siglip-base-patch16-256), super = the super-category word ("bird", "car")
-All figures are percentages. Averages are means over datasets (as the paper); "overall" is the arithmetic
-mean of the seen and unseen averages (REFERENCE.md section 6: 74.68 = (77.43 + 71.94) / 2), not a harmonic mean.
+    avg@K      --samples K: mean acc (closed) / ti (open) of K answers sampled at --temperature; pass@K: share of
+               items with a correct one among its K. Greedy figures are unchanged by --samples.
+All figures are percentages, each with a 95% bootstrap interval over items (report.py). Averages are means
+over datasets (as the paper); "overall" is the arithmetic mean of the seen and unseen averages (README
+"Release facts": 74.68 = (77.43 + 71.94) / 2), not a harmonic mean.
 
 Outputs in --out (default out/eval/<model name>):
     items.jsonl (items.rank{r}.jsonl under torchrun)   one line per item and mode, appended as batches finish:
         key, source (file:line), dataset, split, mode, order, options (as shown), ground_truth, super, prompt,
-        output, finish, n_tokens, answer (parsed), correct, exact, format, no_option (closed) / ss_rel (open)
+        output, finish, n_tokens, answer (parsed), correct, exact, format, no_option (closed) / ss_rel (open);
+        sampled answers also sample, temperature (key "...|sample{k}@t{T}")
     summary.json   {"model", "tag", "settings", "closed": {"seen": {DATASET: {acc, exact, format, no_option,
-                   truncated, n}, ..., "avg": {...}}, "unseen": {...}, "overall": {...}}, "open": {... ti,
-                   exact, ss_rel, format, truncated, n ...}}; ss_rel is null without --siglip. A partial
-                   evaluation (--unseen, --mode, --limit, ...) writes summary_<selection>.json instead
+                   truncated, [avg@K, pass@K,] n, ci: {metric: [lo, hi]}}, ..., "avg": {...}}, "unseen": {...},
+                   "overall": {...}}, "open": {... ti, exact, ss_rel, format, truncated ...}}; ss_rel is null
+                   without --siglip. A partial evaluation (--unseen, --mode, --limit, --samples, ...) writes
+                   summary_<selection>.json (and report_<selection>.html) instead
+    report.html    one self-contained page: tables, confusions, sampled items with image and response (report.py)
     run.json       what the outputs depend on (model weights, max_new_tokens, system prompt); resuming needs a match
-A rerun skips every (file, line, mode, options order) already in items*.jsonl; results of another setup are
-renamed *.stale and redone. `--table` prints finished evaluations side by side (run.sh's final table);
-`summarise(records)`, `markdown_table(summaries)` and `report(summaries)` are the functions behind it.
+A rerun skips every (file, line, mode, options order[, sample]) already in items*.jsonl; results of another
+setup are renamed *.stale and redone. `--table` prints finished evaluations side by side with paired-bootstrap
+marks, writes --table-out PATH.md/.json/.html and refreshes the runs' curves.png (report.compare).
 
 Deliberate deviations from the release
 --------------------------------------
@@ -43,7 +51,7 @@ Deliberate deviations from the release
    options[0] and the release never shuffles, so "always answer the first option" scores 100% there.
    `--options-order release` keeps the files' order, for comparison with published numbers.
 2. Closed-world acc keeps the release's inclusion rule, so an answer listing all four options counts as
-   correct (REFERENCE.md Δ10); `exact` and `no_option` are reported beside it to expose that.
+   correct (README Δ10); `exact` and `no_option` are reported beside it to expose that.
 3. The super-category word is given per dataset (SUPER_CATEGORY). The release derives it from substrings of
    the image path ("aircraft", "birds", "cars", "flower", else "object"): with the released paths
    ("bird_200/...", dogs, pets) bird, dog and pet all get "object", which usually lowers cos(super, gt)
@@ -55,9 +63,11 @@ Deliberate deviations from the release
 5. The answer span is the release's greedy `<answer>(.*)</answer>` (first <answer> to last </answer>),
    found with find / rfind so that it is linear in the output length.
 6. Items are sorted by estimated prompt length and batched (length grouping); the release batches in file
-   order. Greedy decoding makes each output independent of its batch up to numerics.
-7. --max-new-tokens 0 (default) means 256 for preset-sized checkpoints (config has `preset`, or a vocabulary
-   under 32k: the embedded pipeline's rationales are short) and 2048 (the release) otherwise.
+   order. Greedy decoding makes each output independent of its batch up to numerics (README: measured rate);
+   sampled answers draw from a generator seeded by (--seed, item, sample), so they do not depend on the batch
+   either.
+7. Settings are the release's (2048 new tokens, generation_config's repetition penalty, every eos id of it as a
+   stop id); `--defaults world` (the default without --model / --data) caps responses at 256 tokens.
 8. Metrics are recomputed from the stored outputs on every run, so flags that only affect scoring
    (--super-category) never need regeneration; ss_rel is recomputed when the super-category changed.
 9. Outputs are rollout.decode's text (stop token dropped, other special tokens kept); the release decodes
@@ -70,17 +80,24 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+from transformers import AutoModel, AutoTokenizer
 
 import distributed
+import report
+import rollout
 from data import (SYSTEM_PROMPT_R1, DataError, EvalItem, closed_prompt, encode_prompts, eval_name, load_eval,
-                  load_image, open_prompt)
-from reward import ANSWER_CLOSE, ANSWER_OPEN, format_reward, strict_accuracy
+                  load_image, open_prompt, parse_data_spec)
+from policy import PRESETS, load_policy, newest_checkpoint, stop_token_ids
+from report import MODES, SPLITS
+from reward import format_reward, release_eval_answer, release_label, strict_accuracy
 
 # ----------------------------------------------------------------------------------------------------------
 # Constants
@@ -89,14 +106,11 @@ from reward import ANSWER_CLOSE, ANSWER_OPEN, format_reward, strict_accuracy
 # of the first run dir that has one is evaluated.
 DEFAULT_RUNS = ("out/tapo", "out/sft_cot", "out/base")
 DEFAULT_DATA = "out/world"
-MODES = ("closed", "open")
-SPLITS = ("seen", "unseen")
-DATASET_ORDER = ("aircraft", "bird", "car", "dog", "flower", "pet")  # release eval scripts' order
+# The embedded world's values (--defaults world): its rationales are short, its 112 x 112 images stay as they are.
+WORLD = dict(max_new_tokens=256, min_pixels=0, max_pixels=0)
 # Super-category word per dataset (the embedded world's domains are bird, flower, aircraft).
 SUPER_CATEGORY = {"aircraft": "aircraft", "bird": "bird", "car": "car", "dog": "dog", "flower": "flower",
                   "pet": "pet"}
-METRICS = {"closed": ("acc", "exact", "format", "no_option", "truncated"),
-           "open": ("ti", "exact", "ss_rel", "format", "truncated")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,6 +125,16 @@ class Unit:
     options: list     # as shown in the prompt (closed), [] (open)
     prompt: str
     super: str        # super-category word (open world)
+    sample: int = None       # None: the greedy answer; k: the k-th of --samples sampled answers
+    temperature: float = 0.0
+    seed: int = 0            # of a sampled answer: depends only on (--seed, key), never on the batch
+
+
+def sampled_units(units, k, temperature, seed=0):
+    """k sampled copies of every unit, keyed "...|sample{j}@t{T}": a rerun with the same T resumes them."""
+    return [replace(u, key=f"{u.key}|sample{j}@t{temperature:g}", sample=j, temperature=temperature,
+                    seed=zlib.crc32(f"{seed}/{u.key}/{j}".encode()))
+            for u in units for j in range(k)]
 
 
 def shuffled_options(item, seed):
@@ -155,36 +179,21 @@ def make_units(items, modes=MODES, order="shuffled", seed=0, super_rule="dataset
 # ----------------------------------------------------------------------------------------------------------
 # Metrics (the release's rules, eval/evaluation.py)
 
-def release_answer(output):
-    """The release's parse, re.search(r'<answer>(.*)</answer>', DOTALL).group(1).strip(): from the FIRST
-    <answer> to the LAST </answer> (greedy); None without a complete pair."""
-    text = output if isinstance(output, str) else ""
-    s, e = text.find(ANSWER_OPEN), text.rfind(ANSWER_CLOSE)
-    if s == -1 or e < s + len(ANSWER_OPEN):
-        return None
-    return text[s + len(ANSWER_OPEN):e].strip()
-
-
-def release_norm(s):
-    """The release's label normalisation: lower case, "_" -> " " (no stripping)."""
-    return str(s).lower().replace("_", " ")
-
-
 def closed_correct(output, ground_truth):
     """Release closed world: gt substring of the answer; a missing or empty <answer> is wrong."""
-    ans = release_answer(output)
-    return bool(ans) and release_norm(ground_truth) in release_norm(ans)
+    ans = release_eval_answer(output)
+    return bool(ans) and release_label(ground_truth) in release_label(ans)
 
 
 def matches_no_option(output, options):
     """The parsed answer contains none of the options (normalised); a missing answer matches none."""
-    ans = release_answer(output)
-    return not ans or not any(release_norm(o) in release_norm(ans) for o in options)
+    ans = release_eval_answer(output)
+    return not ans or not any(release_label(o) in release_label(ans) for o in options)
 
 
 def open_text(output):
     """What the release scores in the open world: the answer, or the whole output if there is none."""
-    ans = release_answer(output)
+    ans = release_eval_answer(output)
     return ans if ans else (output or "")
 
 
@@ -202,7 +211,7 @@ def score(unit, output, finish=None, n_tokens=None):
     rec = {"key": unit.key, "source": it.source, "dataset": it.dataset, "split": it.split, "mode": unit.mode,
            "order": unit.order, "image": it.image, "question": it.question, "options": unit.options,
            "ground_truth": it.ground_truth, "super": unit.super, "prompt": unit.prompt, "output": output,
-           "finish": finish, "n_tokens": n_tokens, "answer": release_answer(output),
+           "finish": finish, "n_tokens": n_tokens, "answer": release_eval_answer(output),
            "exact": bool(strict_accuracy(output, it.ground_truth)), "format": bool(format_reward(output))}
     if unit.mode == "closed":
         rec["correct"] = closed_correct(output, it.ground_truth)
@@ -210,6 +219,8 @@ def score(unit, output, finish=None, n_tokens=None):
     else:
         rec["correct"] = text_inclusion(output, it.ground_truth, unit.super)
         rec["ss_rel"] = None
+    if unit.sample is not None:
+        rec.update(sample=unit.sample, temperature=unit.temperature)
     return rec
 
 
@@ -223,7 +234,6 @@ class SiglipText:
     """SigLIP text embeddings from a local SiglipModel folder only; `scorer(preds, gts, supers) -> [ss_rel]`."""
 
     def __init__(self, path, device="cpu"):
-        from transformers import AutoModel, AutoTokenizer
         if not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"--siglip {path}: not a local model folder (no config.json)")
         try:
@@ -259,152 +269,26 @@ def fill_ss(records, scorer, batch_size=64):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Summary and table
-
-def _pct(values):
-    return round(100.0 * sum(values) / len(values), 4)
-
-
-def _group_metrics(mode, recs):
-    m = {"acc" if mode == "closed" else "ti": _pct([r["correct"] for r in recs]),
-         "exact": _pct([r["exact"] for r in recs]), "format": _pct([r["format"] for r in recs])}
-    if mode == "closed":
-        m["no_option"] = _pct([r["no_option"] for r in recs])
-    else:
-        ss = [r.get("ss_rel") for r in recs]
-        m["ss_rel"] = None if any(v is None for v in ss) else _pct(ss)
-    m["truncated"] = _pct([r.get("finish") == "length" for r in recs])
-    m["n"] = len(recs)
-    return {k: m[k] for k in METRICS[mode] + ("n",)}
-
-
-def _mean_metrics(groups):
-    """Unweighted mean of each metric over groups (None if any group lacks it); n is summed."""
-    out = {}
-    for k in groups[0]:
-        vals = [g[k] for g in groups]
-        out[k] = sum(vals) if k == "n" else None if any(v is None for v in vals) else round(sum(vals) / len(vals), 4)
-    return out
-
-
-def dataset_key(name):
-    return (DATASET_ORDER.index(name) if name in DATASET_ORDER else len(DATASET_ORDER), name)
-
-
-def summarise(records, model=None, tag=None, settings=None):
-    """{"model", "tag", "settings", mode: {split: {dataset: metrics, "avg": metrics}, "overall": metrics|None}}.
-
-    avg = mean over the split's datasets; overall = mean of the seen and unseen avgs (None unless both)."""
-    out = {"model": model, "tag": tag, "settings": settings or {}}
-    for mode in MODES:
-        recs = [r for r in records if r["mode"] == mode]
-        if not recs:
-            continue
-        res = {}
-        for split in SPLITS:
-            by_ds = {}
-            for r in recs:
-                if r["split"] == split:
-                    by_ds.setdefault(r["dataset"], []).append(r)
-            if by_ds:
-                per = {d: _group_metrics(mode, by_ds[d]) for d in sorted(by_ds, key=dataset_key)}
-                per["avg"] = _mean_metrics(list(per.values()))
-                res[split] = per
-        res["overall"] = _mean_metrics([res[s]["avg"] for s in SPLITS]) if all(s in res for s in SPLITS) else None
-        out[mode] = res
-    return out
-
-
-def markdown_table(summaries, mode="closed", metric="acc"):
-    """Paper Table 1/2 layout: one row per tag; per-dataset seen / unseen, Seen avg, Unseen avg, Overall."""
-    def get(s, split, ds):
-        block = (s.get(mode) or {}).get(split) or {}
-        return (block.get(ds) or {}).get(metric)
-
-    datasets = sorted({d for s in summaries.values() for split in SPLITS
-                       for d in ((s.get(mode) or {}).get(split) or {}) if d != "avg"}, key=dataset_key)
-    cols = [(f"{d} {split}", lambda s, d=d, split=split: get(s, split, d))
-            for d in datasets for split in SPLITS if any(get(s, split, d) is not None for s in summaries.values())]
-    cols += [("Seen avg", lambda s: get(s, "seen", "avg")), ("Unseen avg", lambda s: get(s, "unseen", "avg")),
-             ("Overall", lambda s: ((s.get(mode) or {}).get("overall") or {}).get(metric))]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = ["| Method | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {tag} | " + " | ".join(fmt(f(s)) for _, f in cols) + " |" for tag, s in summaries.items()]
-    return "\n".join(lines)
-
-
-TABLES = (("closed", "acc", "Closed-world accuracy (%, release inclusion rule)"),
-          ("closed", "exact", "Closed-world exact answer (%)"),
-          ("open", "ss_rel", "Open-world SS_rel (%)"),
-          ("open", "ti", "Open-world text inclusion (%, release rule)"))
-
-
-def report(summaries):
-    """The TABLES for {tag: summary}, one markdown table each; ss_rel said unavailable when no row has it."""
-    parts = []
-    for mode, metric, title in TABLES:
-        rows = [s[mode] for s in summaries.values() if s.get(mode)]
-        if not rows:
-            continue
-        if metric == "ss_rel" and all(r[sp]["avg"]["ss_rel"] is None for r in rows for sp in SPLITS if sp in r):
-            parts.append(f"{title}: unavailable (no --siglip)")
-        else:
-            parts.append(f"{title}\n{markdown_table(summaries, mode, metric)}")
-    return "\n\n".join(parts)
-
-
-def print_tables(summary, tag):
-    print("\n" + report({tag: summary}) + "\n")
-    for mode in MODES:  # one greppable line per mode and split
-        for split in SPLITS + ("overall",):
-            m = summary.get(mode, {}).get(split)
-            m = m["avg"] if split != "overall" and m else m
-            if m:
-                print(f"eval {mode} {split} | " + " | ".join(f"{k} {'-' if v is None else round(v, 2)}"
-                                                             for k, v in m.items()))
-
-
-def compare(specs, out=None):
-    """Side-by-side tables of finished evaluations (run.sh's final table), specs "DIR[:TAG]" (DIR/summary.json)
-    or "FILE.json[:TAG]"; with `out`, also write out.md (the tables) and out.json ({tag: summary})."""
-    summaries = {}
-    for spec in specs:
-        path, _, tag = spec.partition(":")
-        f = Path(path) if path.endswith(".json") else Path(path) / "summary.json"
-        if not f.exists():
-            print(f"table: {f} does not exist, row skipped")
-            continue
-        s = json.loads(f.read_text())
-        summaries[tag or s.get("tag") or f.parent.name] = s
-    text = report(summaries)
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).with_suffix(".md").write_text(text + "\n")
-        Path(out).with_suffix(".json").write_text(json.dumps(summaries, indent=1) + "\n")
-    return summaries
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Generation and the sharded, resumable loop
 
-def make_responder(model, processor, max_new_tokens, system=None, generate=None, decode=None):
-    """respond(images, prompts) -> [{"output", "finish", "n_tokens"}]: greedy rollout.generate, stop at
-    <|im_end|> / eos. `generate` / `decode` default to rollout.py's."""
-    if generate is None or decode is None:
-        import rollout
-        generate, decode = generate or rollout.generate, decode or rollout.decode
+def make_responder(model, processor, max_new_tokens, system=None, generate=None, decode=None,
+                   repetition_penalty=1.0):
+    """respond(images, prompts, temperature=None, seeds=None) -> [{"output", "finish", "n_tokens"}]: greedy
+    rollout.generate (sampled at `temperature` from per-prompt `seeds` if given), stopping at every eos id of
+    the generation config, with HF's repetition penalty. `generate` / `decode` default to rollout.py's."""
+    generate, decode = generate or rollout.generate, decode or rollout.decode
     tok = processor.tokenizer
-    stop_ids = tuple(sorted({i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if i is not None}))
+    stop_ids = stop_token_ids(model, tok)  # every eos of generation_config, as HF generate in the release
     param = next(model.parameters())
 
     @torch.no_grad()
-    def respond(images, prompts):
+    def respond(images, prompts, temperature=None, seeds=None):
         batch = encode_prompts(processor, images, prompts, system)  # left-padded
         batch = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
                  if torch.is_tensor(v) else v for k, v in batch.items()}
-        ro = generate(model, batch, n=1, max_new_tokens=max_new_tokens, greedy=True, stop_ids=stop_ids,
-                      pad_id=tok.pad_token_id)
+        ro = generate(model, batch, n=1, max_new_tokens=max_new_tokens, greedy=temperature is None,
+                      temperature=temperature or 1.0, seeds=seeds, stop_ids=stop_ids, pad_id=tok.pad_token_id,
+                      repetition_penalty=repetition_penalty)
         rows = [None] * len(prompts)
         for r, (i, text) in enumerate(zip(ro.prompt_index.tolist(), decode(tok, ro))):
             rows[i] = {"output": text, "finish": ro.finish[r], "n_tokens": int(ro.lengths[r])}
@@ -414,20 +298,6 @@ def make_responder(model, processor, max_new_tokens, system=None, generate=None,
 
 def _as_row(x):
     return {"output": x, "finish": None, "n_tokens": None} if isinstance(x, str) else x
-
-
-def load_done(out):
-    """{key: record} from every items*.jsonl in out (any world size); a torn last line is skipped."""
-    done = {}
-    for p in sorted(Path(out).glob("items*.jsonl")):
-        for line in p.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the line an interrupted run was writing
-            if isinstance(rec, dict) and "key" in rec and "output" in rec:
-                done[rec["key"]] = rec
-    return done
 
 
 def _length(unit):
@@ -444,44 +314,51 @@ def _length(unit):
     return len(unit.prompt) // 4 + (w * h) // (28 * 28)
 
 
-def evaluate(units, respond, out, dist=None, batch_size=8, ss_scorer=None, progress=True):
+def evaluate(units, respond, out, dist=None, batch_size=8, ss_scorer=None, progress=True, pixels=(None, None)):
     """Generate every unit not yet in out/items*.jsonl, append results, return all records (rank 0; [] else).
 
     Sharded by stride over ranks; each rank runs the same number of respond() calls (short ranks repeat a
-    unit whose result is discarded), as FSDP / rollout's sync require. Records are re-scored from outputs."""
+    unit whose result is discarded), as FSDP / rollout's sync require. Greedy units are batched first, then
+    sampled ones (respond(..., temperature, seeds)), never mixed. Records are re-scored from outputs."""
     dist = dist or distributed.Dist(0, 1, 0, torch.device("cpu"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    done = load_done(out)
+    done = report.load_records(out)
     keys = [u.key for u in units]
     assert len(set(keys)) == len(keys), "duplicate eval items (two files with the same name?)"
     pending = [u for u in units if u.key not in done]
     # collective: every rank has read the files before any rank appends to them; all must agree on the work
     counts = distributed.all_gather_objects(len(pending))
     assert len(set(counts)) == 1, f"ranks disagree on the pending work: {counts}"
-    mine = pending[dist.rank::dist.world]
-    lengths = {u.key: _length(u) for u in mine}
-    mine.sort(key=lambda u: -lengths[u.key])  # length grouping: longest first, so memory peaks early
-    n_batches = math.ceil(math.ceil(len(pending) / dist.world) / batch_size) if pending else 0
+    batches = []  # (this rank's units, a unit to repeat when it has none left)
+    for phase in ([u for u in pending if u.sample is None], [u for u in pending if u.sample is not None]):
+        mine = phase[dist.rank::dist.world]
+        lengths = {u.key: _length(u) for u in mine}
+        mine.sort(key=lambda u: -lengths[u.key])  # length grouping: longest first, so memory peaks early
+        n = math.ceil(math.ceil(len(phase) / dist.world) / batch_size) if phase else 0
+        batches += [(mine[b * batch_size:(b + 1) * batch_size], phase[0]) for b in range(n)]
+    n_batches = len(batches)
     dist.print(f"eval: {len(units)} prompts, {len(units) - len(pending)} done, {len(pending)} to generate on "
                f"{dist.world} rank(s), {n_batches} batches of {batch_size} | {out}")
     path = out / ("items.jsonl" if dist.world == 1 else f"items.rank{dist.rank}.jsonl")
     new = []
     bar = None
     if progress and dist.master and n_batches:
-        from tqdm import tqdm
         bar = tqdm(total=n_batches, desc=f"eval ({batch_size} x {dist.world} prompts per batch)", unit="batch",
                    dynamic_ncols=True)
     with open(path, "a+b") as f:  # binary: check the last byte
         if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
             f.write(b"\n")  # end the line an interrupted run left half-written
-        for b in range(n_batches):
+        for batch, spare in batches:
             # ---- batch (a short rank repeats a unit: every rank makes n_batches respond() calls)
-            batch = mine[b * batch_size:(b + 1) * batch_size]
             real = len(batch)
-            batch = batch or [pending[0]]
-            # ---- greedy generation
-            rows = [_as_row(x) for x in respond([load_image(u.item.image) for u in batch], [u.prompt for u in batch])]
+            batch = batch or [spare]
+            # ---- generation: greedy, or sampled from per-unit seeds (independent of the batch)
+            images = [load_image(u.item.image, None, *pixels) for u in batch]  # the pixel budget, if any
+            prompts = [u.prompt for u in batch]
+            rows = respond(images, prompts) if batch[0].sample is None else \
+                respond(images, prompts, temperature=batch[0].temperature, seeds=[u.seed for u in batch])
+            rows = [_as_row(x) for x in rows]
             assert len(rows) == len(batch), f"respond() gave {len(rows)} outputs for {len(batch)} prompts"
             # ---- score, append (the padding unit's result is dropped)
             recs = [score(u, r["output"], r.get("finish"), r.get("n_tokens")) for u, r in zip(batch, rows)]
@@ -514,7 +391,6 @@ def evaluate(units, respond, out, dist=None, batch_size=8, ss_scorer=None, progr
 
 def resolve_model(name):
     """(checkpoint path or preset, why): --model as given, a run dir's newest checkpoint, or DEFAULT_RUNS."""
-    from policy import PRESETS, newest_checkpoint
     if name is None:
         for run in DEFAULT_RUNS:
             ckpt = newest_checkpoint(run)
@@ -545,6 +421,7 @@ def summary_name(args):
     parts += [f"seed{args.seed}"] if args.seed else []
     parts += ["release-super"] if args.super_category == "release" else []
     parts += [f"limit{args.limit}"] if args.limit else []
+    parts += [f"samples{args.samples}-t{args.temperature:g}"] if args.samples else []
     return "_".join(["summary"] + parts) + ".json"
 
 
@@ -556,13 +433,6 @@ def weights_fingerprint(path):
     files = sorted(f for f in p.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin"))
     return hashlib.sha1(json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()
                         ).hexdigest()[:16]
-
-
-def auto_max_new_tokens(model):
-    """256 for preset-sized checkpoints (config `preset`, or vocabulary < 32k), 2048 (release) otherwise."""
-    cfg = model.config
-    vocab = getattr(getattr(cfg, "text_config", cfg), "vocab_size", None) or getattr(cfg, "vocab_size", 0)
-    return 256 if getattr(cfg, "preset", None) or vocab < 32000 else 2048
 
 
 def find_eval_files(paths, splits):
@@ -601,42 +471,69 @@ def load_items(files, image_root=None, limit=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
     p.add_argument("--model", default=None, help="preset, HF folder or run dir; default: newest checkpoint of "
                    + " | ".join(DEFAULT_RUNS))
     p.add_argument("--tag", default=None, help="row label in the table (e.g. 'CoT SFT'); default: model name")
     p.add_argument("--system-prompt", choices=("default", "r1"), default="default",
                    help="default: no system message (Qwen's default, as the release's eval); r1: data.SYSTEM_PROMPT_R1")
+    p.add_argument("--defaults", choices=("release", "world"), default=None,
+                   help="values of the flags marked 'world:': release (the defaults shown) or world (WORLD at the "
+                   "top of eval.py). Default: world when neither --model nor --data is given, else release")
     # Data
-    p.add_argument("--data", nargs="+", default=[DEFAULT_DATA],
-                   help="eval JSONL files {dataset}_{seen|unseen}.jsonl or folders holding them (default out/world)")
+    p.add_argument("--data", default=None, help="comma-separated eval JSONL files {dataset}_{seen|unseen}.jsonl "
+                   f"or folders holding them (default {DEFAULT_DATA})")
     p.add_argument("--image-root", default=None, help="root of relative image paths; default: each file's folder")
     p.add_argument("--seen", action="store_true", help="seen-class files only (default: seen and unseen)")
     p.add_argument("--unseen", action="store_true", help="unseen-class files only (default: seen and unseen)")
     p.add_argument("--limit", type=int, default=None, help="at most N items per file (quick checks)")
+    p.add_argument("--min-pixels", type=int, default=0, help="pre-resize images smaller than this up (0 = off: "
+                   "the checkpoint's processor limits, as the release's eval; world: 0)")
+    p.add_argument("--max-pixels", type=int, default=0, help="pre-resize images larger than this down (0 = off; "
+                   "world: 0)")
     # Protocol
     p.add_argument("--mode", choices=("closed", "open", "both"), default="both",
                    help="closed world, open world or both (default)")
     p.add_argument("--options-order", choices=("shuffled", "release"), default="shuffled",
                    help="shuffled (default): seeded per item; release: the files' order (gt always first there)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the option shuffling (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the option shuffling and of sampled answers")
     p.add_argument("--super-category", choices=("dataset", "release"), default="dataset",
                    help="dataset (default): SUPER_CATEGORY word; release: path substrings (bird/dog/pet -> 'object')")
     p.add_argument("--siglip", default=None, help="local SigLIP folder (google/siglip-base-patch16-256) for SS_rel")
     # Generation
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call, per rank (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=0,
-                   help="0 = auto: 256 for preset-sized checkpoints, 2048 (release) otherwise")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward pass (generate call) per "
+                   "rank (default 8); results do not depend on it")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="response length cap (release: 2048; world: 256)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="HF repetition penalty of greedy "
+                   "decoding (default: the checkpoint's generation_config, as the release's HF generate; 1 = off)")
+    p.add_argument("--samples", type=int, default=0,
+                   help="K > 0: also K sampled answers per prompt, scored as avg@K and pass@K (PAPO: avg@8)")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the sampled answers (default 1.0, PAPO)")
     # Output
-    p.add_argument("--out", default=None, help="results folder; default out/eval/<model name>")
+    p.add_argument("--out", default=None, help="results folder; default out/eval/<model name>. A rerun resumes: "
+                   "items already in it are not generated again")
     p.add_argument("--table", nargs="+", default=None, metavar="DIR[:TAG]",
                    help="only print finished evaluations (DIR/summary.json or a summary*.json) side by side")
-    p.add_argument("--table-out", default=None, help="with --table: also write PATH.md and PATH.json")
+    p.add_argument("--table-out", default=None, help="with --table: also write PATH.md, PATH.json, PATH.html")
+    pre, _ = p.parse_known_args(argv)
+    profile = pre.defaults or ("world" if pre.model is None and pre.data is None else "release")
+    if profile == "world":
+        p.set_defaults(**WORLD)
     args = p.parse_args(argv)
-    assert args.batch_size >= 1, "--batch-size must be >= 1"
-    assert args.limit is None or args.limit >= 1, "--limit must be >= 1"
-    assert args.max_new_tokens >= 0, "--max-new-tokens must be >= 0 (0 = auto)"
+    args.defaults = profile
+    try:
+        args.data = [path for path, w in parse_data_spec(args.data or DEFAULT_DATA)]
+    except DataError as err:
+        p.error(str(err))
+    if args.micro_batch < 1:
+        p.error("--micro-batch must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+    if args.samples < 0 or args.temperature <= 0:
+        p.error("--samples must be >= 0 and --temperature > 0")
     return args
 
 
@@ -644,31 +541,35 @@ def main(argv=None, respond=None):
     """CLI entry; `respond(images, prompts) -> [str | {"output", ...}]` replaces the model (tests)."""
     args = parse_args(argv)
     if args.table:
-        return compare(args.table, args.table_out)
+        return report.compare(args.table, args.table_out)
     dist = distributed.setup()
     splits = tuple(s for s in SPLITS if getattr(args, s)) or SPLITS
     modes = MODES if args.mode == "both" else (args.mode,)
     files = find_eval_files(args.data, splits)
     items, raw = load_items(files, args.image_root, args.limit)
     units = make_units(items, modes, args.options_order, args.seed, args.super_category, raw)
+    units += sampled_units(units, args.samples, args.temperature, args.seed)
 
     # ---- model
+    max_new, penalty = args.max_new_tokens, args.repetition_penalty or 1.0
     if respond is None:
-        from policy import load_policy
         model_path, why = resolve_model(args.model)
         dist.print(f"model: {model_path} ({why})")
         dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32  # release eval: bf16
         model, processor = load_policy(model_path, dtype=dtype, device=dist.device)
-        max_new = args.max_new_tokens or auto_max_new_tokens(model)
-        respond = make_responder(model, processor, max_new, SYSTEM_PROMPT_R1 if args.system_prompt == "r1" else None)
+        if args.repetition_penalty is None:  # the release's HF generate applies generation_config's
+            penalty = float(getattr(model.generation_config, "repetition_penalty", None) or 1.0)
+        respond = make_responder(model, processor, max_new, SYSTEM_PROMPT_R1 if args.system_prompt == "r1" else None,
+                                 repetition_penalty=penalty)
         fingerprint = weights_fingerprint(model_path)
     else:
-        model_path, max_new, fingerprint = args.model or "injected", args.max_new_tokens, "injected"
+        model_path, fingerprint = args.model or "injected", "injected"
     label = model_label(model_path)
     out, tag = Path(args.out or Path("out/eval") / label), args.tag or label
     scorer = SiglipText(args.siglip, dist.device) if args.siglip else None
     settings = {"model": os.path.abspath(model_path) if os.path.isdir(model_path) else str(model_path),
-                "weights": fingerprint, "max_new_tokens": max_new, "system_prompt": args.system_prompt}
+                "weights": fingerprint, "max_new_tokens": max_new, "system_prompt": args.system_prompt,
+                "repetition_penalty": penalty, "pixels": [args.min_pixels, args.max_pixels]}
     dist.print("config: " + json.dumps({**vars(args), "out": str(out), "tag": tag, "max_new_tokens": max_new,
                                         "files": [str(f) for f in files]}))
 
@@ -685,17 +586,20 @@ def main(argv=None, respond=None):
         run_file.write_text(json.dumps(settings, indent=1) + "\n")
     distributed.all_gather_objects(None)  # collective: other ranks wait until stale files are set aside
 
-    records = evaluate(units, respond, out, dist, args.batch_size, scorer)
+    records = evaluate(units, respond, out, dist, args.micro_batch, scorer, pixels=(args.min_pixels, args.max_pixels))
     if dist.master:
         if scorer is not None:
             fill_ss(records, scorer)  # resumed records from a run without --siglip
-        summary = summarise(records, model=str(model_path), tag=tag,
-                            settings={**settings, "options_order": args.options_order, "seed": args.seed,
-                                      "super_category": args.super_category, "siglip": args.siglip,
-                                      "files": [str(f) for f in files], "limit": args.limit})
-        (out / summary_name(args)).write_text(json.dumps(summary, indent=1) + "\n")
-        print_tables(summary, tag)
-        print(f"\nwrote {out / summary_name(args)}")
+        summary = report.summarise(records, model=str(model_path), tag=tag,
+                                   settings={**settings, "options_order": args.options_order, "seed": args.seed,
+                                             "super_category": args.super_category, "siglip": args.siglip,
+                                             "files": [str(f) for f in files], "limit": args.limit,
+                                             "samples": args.samples, "temperature": args.temperature})
+        name = summary_name(args)
+        (out / name).write_text(json.dumps(summary, indent=1) + "\n")
+        report.print_tables(summary, tag)
+        report.write_html(out / name.replace("summary", "report").replace(".json", ".html"), {tag: (summary, records)})
+        print(f"\nwrote {out / name}, {out / name.replace('summary', 'report').replace('.json', '.html')}")
     distributed.teardown()
     return summary if dist.master else None
 

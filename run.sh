@@ -35,3 +35,5 @@ done
 python eval.py --table out/eval/base:"Base (pretrained)" out/eval/sft_nocot:"SFT w/o CoT" \
   out/eval/sft_cot:"CoT SFT" out/eval/tapo:"CoT SFT + TAPO" --table-out out/results
 echo "== total $(( $(date +%s) - T0 )) s (this invocation); stage times in out/timings.txt"
+echo "== report: out/results.html (all models side by side), out/eval/<model>/report.html (one each)"
+echo "== curves: out/base/curves.png out/sft_cot/curves.png out/sft_nocot/curves.png out/tapo/curves.png"

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import distributed
+import report
 from policy import (load_optimizer_state, load_trainer_state, newest_checkpoint, optimizer_state, rng_state,
                     save_checkpoint, set_rng_state)
 
@@ -83,6 +84,8 @@ def save(path, model, processor, optimizer, state, dist):
     state = dict(state, rng=distributed.all_gather_objects(rng_state()))  # collective: every rank's RNG
     opt_sd = optimizer_state(model, optimizer)  # collective under FSDP2
     save_checkpoint(path, model, processor, state=state, rank=dist.rank, optimizer_state=opt_sd)
+    if dist.master:
+        report.plot_curves(Path(path).parent)  # the run's curves.png, refreshed at every checkpoint
 
 
 def restore(resume, model, optimizer, dist):

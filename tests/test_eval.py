@@ -11,10 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageStat
 
 import eval as ev
+import report
 from data import DataError, EvalItem
+from reward import release_eval_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = Path(__file__).resolve().parent / "fixtures"  # the release's sample files, copied
@@ -55,14 +57,14 @@ def run_main(tmp_path, data, *extra, respond=first_option):
 # ----------------------------------------------------------------------------------------------------------
 # Metrics
 
-def test_release_answer_matches_the_release_regex():
-    """release_answer gives the span of re.search(r'<answer>(.*)</answer>', DOTALL), stripped."""
+def test_release_eval_answer_matches_the_release_regex():
+    """reward.release_eval_answer gives the span of re.search(r'<answer>(.*)</answer>', DOTALL), stripped."""
     cases = ["<answer> A </answer>", "x<answer>A</answer>y<answer>B</answer>z", "<answer>A", "A</answer>",
              "</answer><answer>A", "<answer></answer>", "<answer>\nA\n</answer>", "", "<answer><answer>A</answer>",
              "</answer> <answer>A</answer>", "<answer>A</answer></answer>"]
     for c in cases:
         m = re.search(r"<answer>(.*)</answer>", c, re.DOTALL)
-        assert ev.release_answer(c) == (m.group(1).strip() if m else None), c
+        assert release_eval_answer(c) == (m.group(1).strip() if m else None), c
 
 
 def test_closed_world_metrics_on_handwritten_outputs():
@@ -84,7 +86,9 @@ def test_closed_world_metrics_on_handwritten_outputs():
         r = ev.score(unit, out)
         assert (r["correct"], r["exact"], r["format"], r["no_option"]) == expect, out
     recs = [ev.score(unit, o) for o in cases]
-    m = ev.summarise(recs)["closed"]["seen"]["bird"]
+    m = report.summarise(recs)["closed"]["seen"]["bird"]
+    lo, hi = m.pop("ci")["acc"]
+    assert lo < 300 / 7 < hi
     assert m == {"acc": pytest.approx(300 / 7, abs=1e-3), "exact": pytest.approx(100 / 7, abs=1e-3),
                  "format": pytest.approx(500 / 7, abs=1e-3), "no_option": pytest.approx(300 / 7, abs=1e-3),
                  "truncated": 0.0, "n": 7}
@@ -104,7 +108,8 @@ def test_open_world_metrics_on_handwritten_outputs():
     assert (r["correct"], r["exact"]) == (True, False)  # cars: body type and year not required
     assert not ev.text_inclusion("<answer>Suzuki Aerio</answer>", car.ground_truth, "object")
     assert ev.score(uc, "<answer>Suzuki Aerio Sedan 2007</answer>")["exact"]
-    m = ev.summarise([ev.score(ub, "<answer>Black Footed Albatross</answer>"), ev.score(ub, "x")])["open"]
+    m = report.summarise([ev.score(ub, "<answer>Black Footed Albatross</answer>"), ev.score(ub, "x")])["open"]
+    assert "ss_rel" not in m["unseen"]["bird"].pop("ci")  # no interval for what is unavailable
     assert m["unseen"]["bird"] == {"ti": 50.0, "exact": 50.0, "ss_rel": None, "format": 0.0, "truncated": 0.0, "n": 2}
     assert "seen" not in m and m["overall"] is None
 
@@ -170,7 +175,7 @@ def test_shuffling_is_deterministic_and_keeps_the_ground_truth(tmp_path):
 def test_release_sample_files_load():
     """The release's sample eval files load (dataset / split from the name) and give both prompts."""
     files = ev.find_eval_files([FORMATS / "eval_bird_seen.sample.jsonl", FORMATS / "eval_car_unseen.sample.jsonl"],
-                               ev.SPLITS)
+                               report.SPLITS)
     items, raw = ev.load_items(files, image_root="/data")
     assert len(items) == 10 and {(i.dataset, i.split) for i in items} == {("bird", "seen"), ("car", "unseen")}
     assert raw[0].startswith("bird_200/images/") and items[0].image.startswith("/data/bird_200")
@@ -189,9 +194,9 @@ def test_release_sample_files_load():
 def test_first_option_model_scores_100_with_release_order_and_chance_when_shuffled(tmp_path, capsys):
     """Always answering the first option: 100% in the release's order, about 25% with shuffled options."""
     data = eval_files(tmp_path / "d", 100)
-    rel = run_main(tmp_path / "a", data, "--mode", "closed", "--options-order", "release", "--batch-size", "16")
+    rel = run_main(tmp_path / "a", data, "--mode", "closed", "--options-order", "release", "--micro-batch", "16")
     assert rel["closed"]["overall"]["acc"] == 100.0 and rel["closed"]["seen"]["avg"]["n"] == 100
-    shuf = run_main(tmp_path / "b", data, "--mode", "closed", "--batch-size", "16")
+    shuf = run_main(tmp_path / "b", data, "--mode", "closed", "--micro-batch", "16")
     assert 10 < shuf["closed"]["overall"]["acc"] < 40, shuf["closed"]["overall"]
     assert shuf["closed"]["overall"]["no_option"] == 0.0 and shuf["closed"]["overall"]["format"] == 100.0
     assert (tmp_path / "a" / "out" / "summary_closed_release-order.json").exists()
@@ -220,7 +225,7 @@ def test_interrupted_run_resumes_without_redoing_items(tmp_path):
         calls.append(len(prompts))
         return first_option(images, prompts)
     with pytest.raises(KeyboardInterrupt):
-        run_main(tmp_path, data, "--batch-size", "3", respond=crashing)
+        run_main(tmp_path, data, "--micro-batch", "3", respond=crashing)
     items = tmp_path / "out" / "items.jsonl"
     assert len(items.read_text().splitlines()) == 6
     with open(items, "a") as f:
@@ -230,16 +235,16 @@ def test_interrupted_run_resumes_without_redoing_items(tmp_path):
     def counting(images, prompts):
         seen.extend(prompts)
         return first_option(images, prompts)
-    resumed = run_main(tmp_path, data, "--batch-size", "3", respond=counting)
+    resumed = run_main(tmp_path, data, "--micro-batch", "3", respond=counting)
     assert len(seen) == 14
     keys = [json.loads(line)["key"] for line in items.read_text().splitlines() if line.endswith("}")]
     assert len(keys) == len(set(keys)) == 20
-    fresh = run_main(tmp_path / "fresh", data, "--batch-size", "7")
+    fresh = run_main(tmp_path / "fresh", data, "--micro-batch", "7")
     assert resumed["closed"] == fresh["closed"] and resumed["open"] == fresh["open"]
     assert resumed["closed"]["overall"]["n"] == 10 and resumed["open"]["overall"]["n"] == 10
     # a different setup (here max_new_tokens) does not reuse the results: they are set aside and redone
     seen.clear()
-    run_main(tmp_path, data, "--batch-size", "3", "--max-new-tokens", "9", respond=counting)
+    run_main(tmp_path, data, "--micro-batch", "3", "--max-new-tokens", "9", respond=counting)
     assert len(seen) == 20 and (tmp_path / "out" / "items.jsonl.stale").exists()
 
 
@@ -257,8 +262,8 @@ def test_split_and_mode_flags(tmp_path):
 # Summary, table, model resolution, responder
 
 def rec(mode, split, dataset, correct, **kw):
-    base = {"mode": mode, "split": split, "dataset": dataset, "correct": correct, "exact": correct, "format": True,
-            "no_option": False, "ss_rel": 0.5, "finish": "stop"}
+    base = {"source": "f.jsonl:1", "mode": mode, "split": split, "dataset": dataset, "correct": correct,
+            "exact": correct, "format": True, "no_option": False, "ss_rel": 0.5, "finish": "stop"}
     return {**base, **kw}
 
 
@@ -266,18 +271,19 @@ def test_summary_averages_datasets_and_overall_is_the_mean_of_seen_and_unseen():
     """Split avg = unweighted mean over datasets; overall = (seen avg + unseen avg) / 2; table rows per tag."""
     recs = ([rec("closed", "seen", "bird", True)] * 3 + [rec("closed", "seen", "car", False)]
             + [rec("closed", "unseen", "bird", True), rec("closed", "unseen", "bird", False, finish="length")])
-    s = ev.summarise(recs, tag="x")
+    s = report.summarise(recs, tag="x")
     assert s["closed"]["seen"]["avg"]["acc"] == 50.0 and s["closed"]["seen"]["avg"]["n"] == 4
     assert s["closed"]["unseen"]["avg"]["acc"] == 50.0 and s["closed"]["unseen"]["bird"]["truncated"] == 50.0
     assert s["closed"]["overall"]["acc"] == 50.0 and s["closed"]["overall"]["n"] == 6
     assert list(s["closed"]["seen"]) == ["bird", "car", "avg"] and "open" not in s
-    other = ev.summarise([rec("closed", "seen", "bird", False)])
-    table = ev.markdown_table({"CoT SFT": s, "Base": other}, "closed", "acc")
+    other = report.summarise([rec("closed", "seen", "bird", False)])
+    table = report.markdown_table({"CoT SFT": s, "Base": other}, "closed", "acc", marks={("Base", "bird seen")})
     assert table.splitlines() == [
         "| Method | bird seen | bird unseen | car seen | Seen avg | Unseen avg | Overall |",
         "|---|---|---|---|---|---|---|",
-        "| CoT SFT | 100.00 | 50.00 | 0.00 | 50.00 | 50.00 | 50.00 |",
-        "| Base | 0.00 | - | - | 0.00 | - | - |"]
+        "| CoT SFT | 100.00 [100.0, 100.0] | 50.00 [0.0, 100.0] | 0.00 [0.0, 0.0] | 50.00 [50.0, 50.0] "
+        "| 50.00 [0.0, 100.0] | 50.00 [25.0, 75.0] |",
+        "| Base | 0.00* [0.0, 0.0] | - | - | 0.00 [0.0, 0.0] | - | - |"]
 
 
 def test_table_mode_puts_finished_evaluations_side_by_side(tmp_path, capsys):
@@ -291,10 +297,12 @@ def test_table_mode_puts_finished_evaluations_side_by_side(tmp_path, capsys):
                    str(tmp_path / "missing"), "--table-out", str(tmp_path / "res" / "results")])
     assert list(got) == ["Release order", "fake"]
     printed = capsys.readouterr().out
-    assert "| Release order | 100.00 | 100.00 | 100.00 | 100.00 | 100.00 |" in printed
+    assert "| Release order | " + " | ".join(["100.00 [100.0, 100.0]"] * 5) + " |" in printed
     assert "Open-world SS_rel (%): unavailable (no --siglip)" in printed and "row skipped" in printed
     assert (tmp_path / "res" / "results.md").read_text().startswith("Closed-world accuracy")
     assert set(json.loads((tmp_path / "res" / "results.json").read_text())) == {"Release order", "fake"}
+    assert "| fake | " in printed and "*" in printed.split("| fake | ")[1].splitlines()[0]  # 100 -> ~25: marked
+    assert (tmp_path / "res" / "results.html").exists()
 
 
 def test_default_model_is_the_newest_checkpoint_of_the_pipeline(tmp_path, monkeypatch):
@@ -331,7 +339,6 @@ def test_responder_runs_greedy_generation_with_stop_tokens(tiny):
     assert got["greedy"] and got["n"] == 1 and got["max_new_tokens"] == 8 and got["pad_id"] == tok.pad_token_id
     assert tok.convert_tokens_to_ids("<|im_end|>") in got["stop_ids"]
     assert bool(got["batch"]["attention_mask"][:, -1].all())  # left padding
-    assert ev.auto_max_new_tokens(model) == 256
 
 
 def test_tiny_model_end_to_end(tmp_path):
@@ -339,10 +346,98 @@ def test_tiny_model_end_to_end(tmp_path):
     pytest.importorskip("rollout")
     data = eval_files(tmp_path / "d", 2, splits=("unseen",))
     s = ev.main(["--model", "tiny", "--data", str(data), "--out", str(tmp_path / "out"), "--unseen",
-                 "--max-new-tokens", "6", "--batch-size", "4"])
+                 "--max-new-tokens", "6", "--micro-batch", "4"])
     assert s["closed"]["unseen"]["avg"]["n"] == 2 and s["open"]["unseen"]["avg"]["n"] == 2
     lines = [json.loads(x) for x in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all(0 < r["n_tokens"] <= 6 for r in lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampled answers, batch invariance, the page
+
+def sampler(images, prompts, temperature=None, seeds=None):
+    """Greedy: the first option; sampled: the option its seed points at (open world: a fixed wrong label)."""
+    if temperature is None:
+        return first_option(images, prompts)
+    return [f"<answer>{shown_options(p)[s % 4]}</answer>" if "options provided" in p else "<answer>x</answer>"
+            for p, s in zip(prompts, seeds)]
+
+
+def test_samples_give_avg_and_pass_at_k_resumably_and_leave_greedy_alone(tmp_path):
+    """--samples K adds avg@K / pass@K (seeded, batch-independent), keeps the greedy figures, and resumes per sample."""
+    data = eval_files(tmp_path / "d", 6)
+    calls = []
+
+    def counting(images, prompts, **kw):
+        calls.append((len(prompts), kw.get("temperature")))
+        return sampler(images, prompts, **kw)
+    greedy = run_main(tmp_path / "g", data, "--mode", "closed", respond=sampler)
+    s = run_main(tmp_path, data, "--mode", "closed", "--samples", "3", "--micro-batch", "4", respond=counting)
+    assert sum(n for n, t in calls if t == 1.0) == 12 * 3 and sum(n for n, t in calls if t is None) == 12
+    avg = s["closed"]["seen"]["avg"]
+    assert avg["acc"] == greedy["closed"]["seen"]["avg"]["acc"] and {"avg@3", "pass@3"} <= set(avg["ci"])
+    assert avg["avg@3"] <= avg["pass@3"] and 0 < avg["avg@3"] < 100
+    assert (tmp_path / "out" / "summary_closed_samples3-t1.json").exists()
+    calls.clear()
+    again = run_main(tmp_path, data, "--mode", "closed", "--samples", "3", "--micro-batch", "5", respond=counting)
+    assert calls == [] and again["closed"] == s["closed"]
+    other = run_main(tmp_path / "b", data, "--mode", "closed", "--samples", "3", "--micro-batch", "7", respond=sampler)
+    assert other["closed"] == s["closed"]  # sample seeds depend on the item, not on the batch
+    run_main(tmp_path, data, "--mode", "closed", "--samples", "5", respond=counting)
+    assert sum(n for n, _ in calls) == 12 * 2  # only samples 3 and 4 are new
+
+
+def pixel_echo(images, prompts):
+    """A fake model whose answer depends on its own image and prompt only (mean pixel, prompt length)."""
+    return [f"<answer>{ImageStat.Stat(im.convert('L')).mean[0]:.0f}-{len(p)}</answer>"
+            for im, p in zip(images, prompts)]
+
+
+def test_records_do_not_depend_on_batch_size(tmp_path):
+    """With a model that is batch-invariant, every item's record is the same at batch sizes 1, 3 and 16."""
+    data = eval_files(tmp_path / "d", 7, datasets=("bird", "car"))
+    for i, f in enumerate(sorted(data.glob("*.jsonl"))):  # images of several sizes: batches mix lengths
+        Image.new("RGB", (56 + 28 * i, 56), (40 * i, 90, 10)).save(data / f"im{i}.png")
+        lines = [json.loads(x) for x in f.read_text().splitlines()]
+        f.write_text("".join(json.dumps({**x, "image_path": f"im{i}.png"}) + "\n" for x in lines))
+    outs = {}
+    for bs in (1, 3, 16):
+        run_main(tmp_path / str(bs), data, "--micro-batch", str(bs), respond=pixel_echo)
+        recs = report.load_records(tmp_path / str(bs) / "out")
+        outs[bs] = {k: (r["output"], r["correct"]) for k, r in recs.items()}
+    assert len(outs[1]) == 56 and outs[1] == outs[3] == outs[16]
+    assert report.agreement(tmp_path / "1" / "out", tmp_path / "16" / "out") == (56, 56, 0)
+    assert len({o for o, _ in outs[1].values()}) >= 4  # the answers do differ between items
+
+
+def test_tiny_model_greedy_outputs_do_not_depend_on_the_batch(tiny):
+    """Greedy generation of a (perturbed, non-degenerate) tiny model gives each prompt the same text at batch
+    sizes 1 and 6, with left padding from mixed image sizes and prompt lengths (fp32, CPU)."""
+    pytest.importorskip("rollout")
+    import copy
+    model, proc = tiny
+    model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # random init answers "\n" everywhere: nothing to compare
+    respond = ev.make_responder(model, proc, 8)
+    rng = random.Random(0)
+    imgs = [Image.new("RGB", (rng.choice([56, 84, 112]), rng.choice([56, 84])), (rng.randrange(256), 90, 30))
+            for _ in range(6)]
+    prompts = [("What bird is this? " * rng.randint(1, 4)).strip() for _ in range(6)]
+    one = [respond([i], [p])[0]["output"] for i, p in zip(imgs, prompts)]
+    assert [r["output"] for r in respond(imgs, prompts)] == one
+    assert len(set(one)) > 3
+
+
+def test_run_writes_a_self_contained_report_page(tmp_path):
+    """A run writes report.html next to summary.json: tables with intervals, embedded images, the responses."""
+    data = eval_files(tmp_path / "d", 3)
+    run_main(tmp_path, data)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "http" not in page and "[" in page
+    assert "Closed world, unseen classes" in page and "&lt;think&gt; hmm &lt;/think&gt;" in page
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,7 +460,8 @@ with open(os.path.join({out!r}, "calls.rank" + os.environ["RANK"]), "w") as f:
 
 
 def test_two_ranks_shard_pad_and_gather(tmp_path):
-    """Under torchrun (2 ranks, gloo): every item once, equal respond() counts per rank, rank 0's summary whole."""
+    """Under torchrun (2 ranks, gloo): every item once, equal respond() counts per rank, rank 0's summary whole
+    and equal to one process's."""
     data = eval_files(tmp_path / "d", 5, splits=("seen",))  # 5 prompts: 3 on rank 0, 2 (+ 1 padding) on rank 1
     out = tmp_path / "out"
     out.mkdir()
@@ -375,7 +471,7 @@ def test_two_ranks_shard_pad_and_gather(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29600 + os.getpid() % 1000), str(worker), "--model", "fake", "--data", str(data), "--out", str(out),
-           "--batch-size", "2", "--options-order", "release", "--mode", "closed"]
+           "--micro-batch", "2", "--options-order", "release", "--mode", "closed"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     calls = [json.loads((out / f"calls.rank{k}").read_text()) for k in (0, 1)]
@@ -383,5 +479,8 @@ def test_two_ranks_shard_pad_and_gather(tmp_path):
     keys = [json.loads(x)["key"] for k in (0, 1) for x in (out / f"items.rank{k}.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 5
     s = json.loads((out / "summary_closed_release-order.json").read_text())
+    one = run_main(tmp_path / "one", data, "--micro-batch", "3", "--options-order", "release", "--mode", "closed")
+    assert one["closed"] == s["closed"]
+    assert s["closed"]["seen"]["bird"].pop("ci")["acc"] == [100.0, 100.0]
     assert s["closed"]["seen"]["bird"] == {"acc": 100.0, "exact": 100.0, "format": 100.0, "no_option": 0.0,
                                            "truncated": 0.0, "n": 5}

@@ -135,7 +135,7 @@ def test_two_ranks_give_the_single_process_gradient(mode, stage1, tmp_path):
 
 def test_resume_continues_exactly(stage1, tmp_path):
     """4 steps straight equal 2 steps + resume from step_2 + 2 steps: same parameters and losses."""
-    common = ["sft.py", "--model", "tiny", "--data", str(stage1), "--max-steps", "4", "--batch-size", "4",
+    common = ["sft.py", "--model", "tiny", "--data", str(stage1), "--max-steps", "4", "--micro-batch", "4",
               "--micro-batch", "2", "--lr", "1e-3", "--warmup-steps", "1"]
     a, b = tmp_path / "a", tmp_path / "b"
     run(common + ["--out", str(a), "--save-every", "2"])
