@@ -514,7 +514,8 @@ def evaluate(units, respond, out, dist=None, batch_size=8, ss_scorer=None, progr
 
 def resolve_model(name):
     """(checkpoint path or preset, why): --model as given, a run dir's newest checkpoint, or DEFAULT_RUNS."""
-    from policy import PRESETS, newest_checkpoint
+    from checkpoint import newest_checkpoint
+    from policy import PRESETS
     if name is None:
         for run in DEFAULT_RUNS:
             ckpt = newest_checkpoint(run)

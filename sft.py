@@ -76,8 +76,9 @@ from tqdm import tqdm
 import distributed
 from data import DataError, chat_messages, encode_prompts, encode_responses, join_prompt_response, \
     length_grouped_batches, load_image, load_stage1, rl_prompt, SYSTEM_PROMPT_R1
-from policy import PRESETS, load_optimizer_state, load_policy, load_trainer_state, newest_checkpoint, \
-    optimizer_state, rng_state, save_checkpoint, set_rng_state, token_logprobs
+from checkpoint import load_optimizer_state, load_trainer_state, newest_checkpoint, optimizer_state, \
+    resume_checkpoint, rng_state, save_checkpoint, set_rng_state
+from policy import PRESETS, load_policy, token_logprobs
 
 WORLD_DIR = Path("out/world")
 WORLD_FILES = {"cot": "cot_sft.json", "nocot": "sft_nocot.json", "pretrain": "pretrain.json"}
@@ -408,7 +409,7 @@ def main(argv=None):
     distributed.seed_everything(args.seed, dist.rank)
     out = Path(args.out)
     system = SYSTEM_PROMPT_R1 if args.system_prompt == "r1" else None
-    resume = newest_checkpoint(out) if args.resume == "auto" else args.resume
+    resume = resume_checkpoint(args.resume, out)  # collective: verified; 'auto' = newest complete one
     if args.resume == "auto" and resume is None:
         dist.print(f"--resume auto: no checkpoint in {out}, starting fresh")
 

@@ -42,8 +42,9 @@ from tqdm import tqdm
 
 import distributed
 from data import encode_prompts, join_prompt_response, load_stage2, load_triplet, rl_prompt, SYSTEM_PROMPT_R1
-from policy import (load_optimizer_state, load_policy, load_trainer_state, newest_checkpoint, optimizer_state,
-                    save_checkpoint, token_logprobs, vision_token_ids)
+from checkpoint import (load_optimizer_state, load_trainer_state, newest_checkpoint, optimizer_state,
+                        resume_checkpoint, save_checkpoint)
+from policy import load_policy, token_logprobs, vision_token_ids
 from reward import score
 from rollout import decode, generate
 
@@ -362,11 +363,9 @@ def main(argv=None):
     system = SYSTEM_PROMPT_R1 if args.system_prompt == "r1" else None
 
     # ---- model, optimizer, resume state
-    resume = args.resume
-    if resume == "auto":
-        resume = newest_checkpoint(out)
-        if resume is None:
-            dist.print(f"--resume auto: no checkpoint in {out}, starting fresh")
+    resume = resume_checkpoint(args.resume, out)  # collective: verified; 'auto' = newest complete one
+    if args.resume == "auto" and resume is None:
+        dist.print(f"--resume auto: no checkpoint in {out}, starting fresh")
     model_src = resume or args.model
     model, processor = load_policy(model_src, dtype=torch.float32)
     parallel = args.parallel or ("fsdp" if dist.device.type == "cuda" else "ddp")
