@@ -4,13 +4,20 @@ import errno
 import json
 import os
 import pickle
+import random
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import checkpoint
 from checkpoint import (CheckpointError, load_trainer_state, newest_checkpoint, resume_checkpoint, rng_state,
@@ -221,3 +228,143 @@ def test_damaged_newest_falls_back_with_a_warning(tiny, tmp_path, capsys):
         g.truncate(10)
     assert "trainer_state.safetensors: 10 bytes" in verify_checkpoint(run / "step_1")
     assert resume_checkpoint("auto", run) is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2-rank runs (gloo): FSDP2 before the first step, SIGKILL at a random moment, determinism
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tiny", "--max-new-tokens", "12", "--rollout-batch", "2", "--update-batch", "1",
+        "--n1", "2", "--n2", "2", "--max-retries", "1", "--micro-batch", "4", "--lr", "1e-3"]
+
+
+class Ranks:
+    """`nproc` ranks started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_PORT, ...), all in one
+    process group, so that one SIGKILL reaches every rank at the same moment.
+    note: not torchrun itself: it puts each worker in a session of its own, where killing torchrun's group
+    would leave the workers running."""
+
+    def __init__(self, args, nproc=2, env_extra=None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, OMP_NUM_THREADS="1", FAKE_REWARD="all-alternate", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), **(env_extra or {}))
+        self.procs, self.logs = [], [tempfile.TemporaryFile("w+") for _ in range(nproc)]
+        for rank in range(nproc):
+            pgid = self.procs[0].pid if self.procs else 0
+            self.procs.append(subprocess.Popen(
+                [sys.executable] + args, cwd=ROOT, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                stdout=self.logs[rank], stderr=subprocess.STDOUT, text=True,
+                process_group=pgid))  # rank 0 leads a new group, the others join it
+
+    def running(self):
+        return all(p.poll() is None for p in self.procs)
+
+    def kill(self):
+        os.killpg(self.procs[0].pid, signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+
+    def finish(self, timeout=300):
+        try:
+            for p in self.procs:
+                p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        for p, log in zip(self.procs, self.logs):
+            log.seek(0)
+            assert p.returncode == 0, log.read()[-4000:]
+
+
+def weights(run):
+    return load_file(Path(run) / "final" / "model.safetensors")
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def kill_at_random_moment(args, out, rng, window):
+    """Start a 2-rank run, wait for its first checkpoint, SIGKILL every process `uniform(0, window)` s later."""
+    p = Ranks(args)
+    t0 = time.time()
+    while not list(Path(out).glob("step_*/manifest.json")):
+        assert p.running() and time.time() - t0 < 300, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    delay = rng.uniform(0.0, window)
+    time.sleep(delay)
+    alive = p.running()
+    p.kill()
+    assert alive, f"the run finished within {delay:.2f} s of its first checkpoint: nothing was interrupted"
+    return delay, sorted(q.name for q in Path(out).iterdir())
+
+
+def test_fsdp2_saves_before_the_first_step_and_resumes_exactly(tmp_path):
+    """FSDP2 on 2 ranks: a save after a forward with no optimizer step works, and resuming from it or from a
+    mid-run save gives weights bit-identical to the uninterrupted run."""
+    Ranks(["tests/ckpt_worker.py", "--out", str(tmp_path)]).finish()
+    assert json.loads((tmp_path / "result.json").read_text()) == {
+        "step_0": {"optimizer_saved": False, "identical": True}, "step_2": {"optimizer_saved": True, "identical": True}}
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    import world
+    out = tmp_path_factory.mktemp("world")
+    world.generate(out, classes_per_domain=4, shots=2, test_per_class=1, captions=1, knowledge_repeats=1,
+                   domains=("bird", "flower"), workers=1)
+    return out
+
+
+def tapo_args(world_dir, out, *extra):
+    return ["tests/tapo_worker.py", "--data", str(world_dir), "--out", str(out), "--max-steps", "3",
+            "--save-every", "1"] + FAST + list(extra)
+
+
+@pytest.fixture(scope="module")
+def tapo_reference(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tapo_ref")
+    Ranks(tapo_args(tiny_world, out)).finish()
+    return out
+
+
+def test_two_identical_tapo_runs_give_identical_weights(tiny_world, tapo_reference, tmp_path):
+    """Two identical 2-rank TAPO runs (3 steps, updates on every step) end with bit-identical weights."""
+    Ranks(tapo_args(tiny_world, tmp_path)).finish()
+    ms = [json.loads(x) for x in (tapo_reference / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in ms] == [1, 2, 3] and all(m["updates"] > 0 for m in ms)
+    assert same(weights(tmp_path), weights(tapo_reference))
+
+
+def test_two_rank_tapo_killed_at_a_random_moment_resumes_exactly(tiny_world, tapo_reference, tmp_path):
+    """A 2-rank TAPO run SIGKILLed at a random moment, then `--resume auto`, ends bit-identical to the
+    uninterrupted run."""
+    rng = random.Random()
+    delay, left = kill_at_random_moment(tapo_args(tiny_world, tmp_path), tmp_path, rng, window=3.0)
+    print(f"tapo killed {delay:.2f} s after its first checkpoint; left {left}")
+    Ranks(tapo_args(tiny_world, tmp_path, "--resume", "auto")).finish()
+    assert same(weights(tmp_path), weights(tapo_reference)), f"killed {delay:.2f} s in, left {left}"
+
+
+def sft_args(data, out, *extra):
+    return ["sft.py", "--model", "tiny", "--data", str(data), "--out", str(out), "--max-steps", "6",
+            "--save-every", "1", "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3",
+            "--warmup-steps", "1"] + list(extra)
+
+
+def test_two_rank_sft_killed_at_a_random_moment_resumes_exactly(tmp_path):
+    """A 2-rank CoT-SFT run SIGKILLed at a random moment, then `--resume auto`, ends bit-identical to the
+    uninterrupted run."""
+    from test_sft import stage1_records
+    data = tmp_path / "data" / "train.json"
+    data.parent.mkdir()
+    data.write_text(json.dumps(stage1_records(data.parent)))
+    ref = Ranks(sft_args(data, tmp_path / "ref"))
+    rng = random.Random()
+    delay, left = kill_at_random_moment(sft_args(data, tmp_path / "run"), tmp_path / "run", rng, window=2.0)
+    ref.finish()
+    print(f"sft killed {delay:.2f} s after its first checkpoint; left {left}")
+    Ranks(sft_args(data, tmp_path / "run", "--resume", "auto")).finish()
+    assert same(weights(tmp_path / "run"), weights(tmp_path / "ref")), f"killed {delay:.2f} s in, left {left}"
