@@ -126,15 +126,23 @@ def normalise_label(s):
     return str(s).lower().replace("_", " ").strip()
 
 
-def load_image(path, size=None):
-    """An RGB PIL image; DataError naming the path when missing or unreadable; optional resize to (w, h)."""
+def load_image(path, size=None, where=None):
+    """An RGB PIL image; DataError naming the row (`where`, e.g. "rl_train.jsonl:12") and the file when it is
+    missing or unreadable; optional resize to (w, h).
+
+    note: files are checked (header only) when the data is read; a file deleted or corrupted after that fails
+    here, mid-run, and stops the run rather than being skipped: a skipped row would change the optimisation and
+    break exact resume, and a vanished image usually means the whole image store went (an unmounted disk),
+    which skipping would hide. The last checkpoint is untouched; fix the files and `--resume auto`.
+    """
+    row = f"{where}: " if where else ""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
     except FileNotFoundError:
-        raise DataError(f"{path}: image not found") from None
+        raise DataError(f"{row}image {path} not found (deleted or moved after the data was read?)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{row}image {path} is unreadable ({type(e).__name__}: {e})") from None
     if size is not None and tuple(im.size) != tuple(size):
         im = im.resize(tuple(size), Image.BICUBIC)
     return im
@@ -143,8 +151,8 @@ def load_image(path, size=None):
 def load_triplet(row):
     """(anchor, positive, negative) images of an RLRow, positive and negative resized to the anchor's size
     (prompt tokens and M-RoPE positions are computed once, from the anchor: REFERENCE.md section 4)."""
-    anchor = load_image(row.image)
-    return anchor, load_image(row.positive, anchor.size), load_image(row.negative, anchor.size)
+    anchor = load_image(row.image, where=row.source)
+    return anchor, load_image(row.positive, anchor.size, row.source), load_image(row.negative, anchor.size, row.source)
 
 
 def _image_path(value, root, where, check):

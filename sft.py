@@ -329,7 +329,7 @@ def encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, system, 
     micro-batch is text-only would gather the vision tower after the decoder layers (policy's dummy vision
     forward) while a rank with images gathers it before them: a collective mismatch (measured: gloo abort).
     """
-    images = [load_image(samples[i].image) if samples[i].image else None for i in idxs]
+    images = [load_image(samples[i].image, where=samples[i].source) if samples[i].image else None for i in idxs]
     texts, resp = [samples[i].question for i in idxs], [resp_ids[i] for i in idxs]
     if need_image and all(im is None for im in images):
         images, texts, resp = images + [Image.new("RGB", (56, 56))], texts + [""], resp + [[]]
