@@ -368,3 +368,44 @@ def test_two_rank_sft_killed_at_a_random_moment_resumes_exactly(tmp_path):
     print(f"sft killed {delay:.2f} s after its first checkpoint; left {left}")
     Ranks(sft_args(data, tmp_path / "run", "--resume", "auto")).finish()
     assert same(weights(tmp_path / "run"), weights(tmp_path / "ref")), f"killed {delay:.2f} s in, left {left}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images that vanish or break after the data was read
+
+def test_image_deleted_or_corrupted_after_reading_names_row_and_file(tmp_path):
+    """load_triplet: a deleted positive or a truncated negative raises DataError naming the row and the file."""
+    import data
+    from conftest import random_image
+    for name in ("a", "p", "n"):
+        random_image(56, 56, seed=0).save(tmp_path / f"{name}.png")
+    row = data.RLRow(image=str(tmp_path / "a.png"), positive=str(tmp_path / "p.png"),
+                     negative=str(tmp_path / "n.png"), problem="q", answer="x", source="rl_train.jsonl:7")
+    assert len(data.load_triplet(row)) == 3
+    (tmp_path / "p.png").unlink()
+    with pytest.raises(data.DataError, match=r"^rl_train\.jsonl:7: image .*p\.png not found"):
+        data.load_triplet(row)
+    random_image(56, 56, seed=0).save(tmp_path / "p.png")
+    (tmp_path / "n.png").write_bytes((tmp_path / "n.png").read_bytes()[:100])  # header intact, pixels gone
+    with pytest.raises(data.DataError, match=r"^rl_train\.jsonl:7: image .*n\.png is unreadable"):
+        data.load_triplet(row)
+
+
+def test_image_corrupted_mid_run_stops_sft_and_keeps_checkpoints(tmp_path):
+    """An SFT run whose images are truncated after 2 steps (headers intact, so the start check passes) stops
+    at its next step with an error naming the row and the file; its checkpoints stay complete and resumable."""
+    import sft
+    from test_sft import stage1_records
+    data_file = tmp_path / "data" / "train.json"
+    data_file.parent.mkdir()
+    data_file.write_text(json.dumps(stage1_records(data_file.parent)))
+    args = ["--model", "tiny", "--data", str(data_file), "--out", str(tmp_path / "run"), "--save-every", "1",
+            "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3"]
+    sft.main(args + ["--max-steps", "2"])
+    for f in data_file.parent.glob("*.png"):
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(sft.DataError, match=r"train\.json:#\d+: image .*img\d+\.png is unreadable"):
+        sft.main(args + ["--max-steps", "4", "--resume", "auto"])
+    assert newest_checkpoint(tmp_path / "run", hashes=True) == tmp_path / "run" / "final"
+    assert load_trainer_state(tmp_path / "run" / "final")["state"]["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["final", "metrics.jsonl", "step_1"]
