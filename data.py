@@ -140,16 +140,24 @@ def pixel_budget_size(width, height, min_pixels=None, max_pixels=None):
     return width, height
 
 
-def load_image(path, size=None, min_pixels=None, max_pixels=None):
-    """An RGB PIL image; DataError naming the path when missing or unreadable. Resized to (w, h) = `size` if
-    given, else into the pixel budget [min_pixels, max_pixels] the way the release does (pixel_budget_size)."""
+def load_image(path, size=None, min_pixels=None, max_pixels=None, where=None):
+    """An RGB PIL image; DataError naming the row (`where`, e.g. "rl_train.jsonl:12") and the file when it is
+    missing or unreadable. Resized to (w, h) = `size` if given, else into the pixel budget [min_pixels,
+    max_pixels] the way the release does (pixel_budget_size).
+
+    note: files are checked (header only) when the data is read; a file deleted or corrupted after that fails
+    here, mid-run, and stops the run rather than being skipped: a skipped row would change the optimisation and
+    break exact resume, and a vanished image usually means the whole image store went (an unmounted disk),
+    which skipping would hide. The last checkpoint is untouched; fix the files and `--resume auto`.
+    """
+    row = f"{where}: " if where else ""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
     except FileNotFoundError:
-        raise DataError(f"{path}: image not found") from None
+        raise DataError(f"{row}image {path} not found (deleted or moved after the data was read?)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{row}image {path} is unreadable ({type(e).__name__}: {e})") from None
     if size is None:
         size = pixel_budget_size(*im.size, min_pixels, max_pixels)
     if tuple(im.size) != tuple(size):
@@ -160,8 +168,9 @@ def load_image(path, size=None, min_pixels=None, max_pixels=None):
 def load_triplet(row, min_pixels=None, max_pixels=None):
     """(anchor, positive, negative) images of an RLRow: the anchor in the pixel budget, positive and negative
     resized to the anchor's size (prompt tokens and M-RoPE positions are computed once, from the anchor)."""
-    anchor = load_image(row.image, min_pixels=min_pixels, max_pixels=max_pixels)
-    return anchor, load_image(row.positive, anchor.size), load_image(row.negative, anchor.size)
+    anchor = load_image(row.image, None, min_pixels, max_pixels, where=row.source)
+    return anchor, load_image(row.positive, anchor.size, where=row.source), \
+        load_image(row.negative, anchor.size, where=row.source)
 
 
 def _image_path(value, root, where, check):

@@ -95,7 +95,8 @@ import report
 import rollout
 from data import (SYSTEM_PROMPT_R1, DataError, EvalItem, closed_prompt, encode_prompts, eval_name, load_eval,
                   load_image, open_prompt, parse_data_spec)
-from policy import PRESETS, load_policy, newest_checkpoint, stop_token_ids
+from checkpoint import newest_checkpoint
+from policy import PRESETS, load_policy, stop_token_ids
 from report import MODES, SPLITS
 from reward import format_reward, release_eval_answer, release_label, strict_accuracy
 

@@ -1,11 +1,10 @@
-"""The policy: a Qwen2.5-VL model + processor, loaded offline, scored token by token, saved as HF folders.
+"""The policy: a Qwen2.5-VL model + processor, loaded offline, scored token by token; saved as HF folders by checkpoint.py.
 
-Every stage (sft.py, rollout.py, tapo.py, eval.py) gets its model from here:
+Every stage (sft.py, rollout.py, tapo.py, eval.py) gets its model from here (checkpoints: checkpoint.py):
 
     model, processor = load_policy("tiny")                      # built-in preset, no network
     model, processor = load_policy("/ckpt/Qwen2.5-VL-7B-Instruct")  # any local HF folder
     lp = token_logprobs(model, batch, temperature=1.0)           # (B, T) log pi(x_t | x_<t), 0 off-mask
-    save_checkpoint(out_dir, model, processor, state={...})      # HF folder + resume state, atomic
 
 Presets ("tiny", "small") are built by presets.py; real checkpoints load from local folders.
 
@@ -20,19 +19,13 @@ lm_head) around it as usual and reduces their gradients after backward.
 """
 import contextlib
 import json
-import os
-import random
-import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from distributed import unwrap, uses_fsdp
+from distributed import unwrap
 from presets import PRESETS, VLProcessor, build_preset
 
 
@@ -219,92 +212,3 @@ def image_embeddings(model, processor, images, batch_size=16):
         sizes = (grid.prod(-1) // visual.spatial_merge_size ** 2).tolist()
         rows += [f.float().mean(0) for f in torch.split(feats, sizes)]
     return torch.stack(rows)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def full_state_dict(model):
-    """Full (unsharded) CPU state dict, collectively on every rank; works for plain, DDP and FSDP2 models."""
-    model = unwrap(model)
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        # collective: every rank must call this (all-gathers each shard), rank 0 receives the tensors
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(out_dir, model, processor, state=None, rank=0, optimizer_state=None):
-    """Write an ordinary HF folder (config, safetensors, processor + tokenizer) plus `trainer_state.pt`.
-
-    Collective under FSDP2 (call on every rank); rank 0 writes into `<out_dir>.tmp` and renames it into place,
-    so an interrupted save never leaves a half-written checkpoint under `out_dir`.
-    `state`: anything needed to resume (step, config, data position, RNG); `optimizer_state`: a (full) optimizer
-    state dict, stored beside it.
-    """
-    sd = full_state_dict(model)
-    if rank != 0:
-        return
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    hf = unwrap(model)
-    hf.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    if state is not None or optimizer_state is not None:
-        torch.save({"state": state, "optimizer": optimizer_state}, tmp / "trainer_state.pt")
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def load_trainer_state(ckpt_dir):
-    f = Path(ckpt_dir) / "trainer_state.pt"
-    if not f.exists():
-        raise FileNotFoundError(f"{f}: no resume state in this checkpoint (was it written by sft.py / tapo.py?)")
-    return torch.load(f, map_location="cpu", weights_only=False)
-
-
-def newest_checkpoint(run_dir):
-    """The newest `step_*` (or `final`) checkpoint folder under run_dir, or None."""
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        return None
-    cands = [p for p in run_dir.iterdir() if p.is_dir() and (p / "config.json").exists()
-             and (p.name.startswith("step_") or p.name == "final")]
-    if not cands:
-        return None
-    return max(cands, key=lambda p: (p.name == "final", int(p.name[5:]) if p.name[5:].isdigit() else -1))
-
-
-def optimizer_state(model, optimizer):
-    """The optimizer's full state dict (collective under FSDP2: gathers the sharded moments)."""
-    if uses_fsdp(unwrap(model)):
-        return get_optimizer_state_dict(unwrap(model), optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
-
-
-def load_optimizer_state(model, optimizer, state):
-    """Inverse of `optimizer_state` (under FSDP2 every rank passes the full dict and keeps its shard)."""
-    if uses_fsdp(unwrap(model)):
-        set_optimizer_state_dict(unwrap(model), optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)

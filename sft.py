@@ -75,7 +75,8 @@ import distributed
 import training
 from data import SYSTEM_PROMPT_R1, DataError, chat_messages, count_image_tokens, encode_prompts, encode_responses, \
     join_prompt_response, length_grouped_batches, load_image, load_stage1, parse_data_spec
-from policy import load_policy, newest_checkpoint, token_logprobs
+from checkpoint import newest_checkpoint
+from policy import load_policy, token_logprobs
 
 EMBEDDED_DATA = Path("out/world")  # the embedded world (python world.py --out out/world)
 WORLD_FILES = {"cot": "cot_sft.json", "nocot": "sft_nocot.json", "pretrain": "pretrain.json"}
@@ -301,7 +302,8 @@ def encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, system, 
     micro-batch is text-only would gather the vision tower after the decoder layers (policy's dummy vision
     forward) while a rank with images gathers it before them: a collective mismatch (measured: gloo abort).
     """
-    images = [load_image(samples[i].image, None, *pixels) if samples[i].image else None for i in idxs]
+    images = [load_image(samples[i].image, None, *pixels, where=samples[i].source) if samples[i].image else None
+              for i in idxs]
     texts, resp = [samples[i].question for i in idxs], [resp_ids[i] for i in idxs]
     if need_image and all(im is None for im in images):
         images, texts, resp = images + [Image.new("RGB", (56, 56))], texts + [""], resp + [[]]

@@ -49,7 +49,8 @@ import distributed
 import training
 from data import SYSTEM_PROMPT_R1, RowStream, encode_prompts, join_prompt_response, load_stage2, load_triplet, \
     prompt_length, rl_prompt, stack_prompts
-from policy import load_policy, newest_checkpoint, stop_token_ids, token_logprobs, vision_token_ids
+from checkpoint import newest_checkpoint
+from policy import load_policy, stop_token_ids, token_logprobs, vision_token_ids
 from reward import score
 from rollout import decode, gathered, generate
 

@@ -9,7 +9,7 @@
 
 Both stages call these, so resume, the optimizer's parameter groups and clipping mean the same in both.
 
-Layer: training -> policy, distributed.
+Layer: training -> checkpoint, report, distributed.
 """
 from pathlib import Path
 
@@ -17,23 +17,23 @@ import torch
 
 import distributed
 import report
-from policy import (load_optimizer_state, load_trainer_state, newest_checkpoint, optimizer_state, rng_state,
-                    save_checkpoint, set_rng_state)
+from checkpoint import (CheckpointError, load_optimizer_state, load_trainer_state, optimizer_state, resume_checkpoint, rng_state,
+                        save_checkpoint, set_rng_state)
 
 # `--resume` with no value: the newest complete checkpoint in --out (argparse `const`)
 RESUME_NEWEST = "newest"
 
 
 def resume_path(resume, out):
-    """The folder to resume from: None (fresh), the newest checkpoint in `out` for RESUME_NEWEST (None when
-    there is none yet, so a restarted job script starts fresh the first time), else the folder given."""
+    """The folder to resume from, verified (checkpoint.resume_checkpoint; collective): None (fresh), the newest
+    complete checkpoint in `out` for RESUME_NEWEST (None when there is none yet, so a restarted job script
+    starts fresh the first time; damaged newer ones are skipped with a warning), else the folder given."""
     if resume is None:
         return None
-    if resume in (RESUME_NEWEST, "auto"):  # "auto": the spelling of earlier versions
-        return newest_checkpoint(out)
-    if not (Path(resume) / "config.json").exists():
-        raise SystemExit(f"--resume {resume}: not a checkpoint folder (no config.json)")
-    return Path(resume)
+    try:  # "auto": the spelling of earlier versions
+        return resume_checkpoint("auto" if resume in (RESUME_NEWEST, "auto") else resume, out)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
 
 
 def default_parallel(dist):

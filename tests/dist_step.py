@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distributed  # noqa: E402
 from conftest import padded_batch  # noqa: E402
-from policy import full_state_dict, load_policy, save_checkpoint, token_logprobs  # noqa: E402
+from checkpoint import full_state_dict, save_checkpoint  # noqa: E402
+from policy import load_policy, token_logprobs  # noqa: E402
 
 
 def main():

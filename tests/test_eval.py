@@ -1,5 +1,6 @@
 """eval.py: release metrics on hand-written outputs, option shuffling, fake models, resume, torchrun sharding."""
 import ast
+import hashlib
 import json
 import os
 import random
@@ -313,6 +314,8 @@ def test_default_model_is_the_newest_checkpoint_of_the_pipeline(tmp_path, monkey
     for ck in ("out/base/final", "out/sft_cot/step_2", "out/sft_cot/step_10"):
         (tmp_path / ck).mkdir(parents=True)
         (tmp_path / ck / "config.json").write_text("{}")
+        files = {"config.json": {"bytes": 2, "sha256": hashlib.sha256(b"{}").hexdigest()}}
+        (tmp_path / ck / "manifest.json").write_text(json.dumps({"step": -1, "files": files}))  # a complete save
     assert ev.resolve_model(None)[0] == os.path.join("out", "sft_cot", "step_10")
     assert ev.resolve_model("out/base")[0] == os.path.join("out", "base", "final")  # a run dir
     assert ev.model_label("out/sft_cot/step_10") == "sft_cot_step_10" and ev.model_label("out/tapo/final") == "tapo"

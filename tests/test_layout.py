@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each module may import only modules of a LOWER layer (README "Files"); stages sit on top.
 LAYERS = [
     ("distributed", "reward", "report"),
-    ("data",),
+    ("data", "checkpoint"),
     ("world",),
     ("presets",),
     ("policy",),

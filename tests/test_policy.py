@@ -5,8 +5,9 @@ import pytest
 import torch
 from conftest import padded_batch, random_image
 
-from policy import (build_preset, chunked_logprobs, count_params, load_policy, naive_logprobs,
-                    save_checkpoint, load_trainer_state, token_logprobs, image_embeddings)
+from checkpoint import load_trainer_state, save_checkpoint
+from policy import (build_preset, chunked_logprobs, count_params, load_policy, naive_logprobs, token_logprobs,
+                    image_embeddings)
 
 
 def test_presets_build_offline_and_deterministic(monkeypatch):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import sft
+from checkpoint import load_trainer_state
 from conftest import random_image
 from policy import load_policy, rope_positions
 
@@ -139,7 +140,7 @@ def test_resume_continues_exactly(stage1, tmp_path):
               "--micro-batch", "2", "--lr", "1e-3", "--warmup-steps", "1"]
     a, b = tmp_path / "a", tmp_path / "b"
     run(common + ["--out", str(a), "--save-every", "2"])
-    assert (a / "step_2" / "trainer_state.pt").exists()
+    assert (a / "step_2" / "trainer_state.json").exists()
     run(common + ["--out", str(b), "--resume", str(a / "step_2")])
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()
@@ -170,7 +171,7 @@ def test_two_step_smoke_run_on_a_world_folder(stage1, tmp_path):
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 for m in metrics)
     model, _ = load_policy(out / "final")
-    state = torch.load(out / "final" / "trainer_state.pt", weights_only=False)["state"]
+    state = load_trainer_state(out / "final")["state"]
     assert state["step"] == 2 and state["args"]["data"] == str(world)
 
 
