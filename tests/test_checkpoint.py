@@ -234,8 +234,9 @@ def test_damaged_newest_falls_back_with_a_warning(tiny, tmp_path, capsys):
 # 2-rank runs (gloo): FSDP2 before the first step, SIGKILL at a random moment, determinism
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--model", "tiny", "--max-new-tokens", "12", "--rollout-batch", "2", "--update-batch", "1",
-        "--n1", "2", "--n2", "2", "--max-retries", "1", "--micro-batch", "4", "--lr", "1e-3"]
+FAST = ["--model", "tiny", "--max-new-tokens", "12", "--rollout-batch", "2", "--update-batch", "2",
+        "--n1", "2", "--n2", "2", "--max-retries", "1", "--micro-batch", "4", "--lr", "1e-3",
+        "--min-pixels", "0", "--max-pixels", "0"]
 
 
 class Ranks:
@@ -412,4 +413,4 @@ def test_image_corrupted_mid_run_stops_sft_and_keeps_checkpoints(tmp_path):
         sft.main(args + ["--max-steps", "4", "--resume", "auto"])
     assert newest_checkpoint(tmp_path / "run", hashes=True) == tmp_path / "run" / "final"
     assert load_trainer_state(tmp_path / "run" / "final")["state"]["step"] == 2
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["final", "metrics.jsonl", "step_1"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["curves.png", "final", "metrics.jsonl", "step_1"]
