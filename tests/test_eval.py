@@ -323,6 +323,43 @@ def test_default_model_is_the_newest_checkpoint_of_the_pipeline(tmp_path, monkey
     assert ev.resolve_model("tiny") == ("tiny", "preset")
 
 
+def test_eval_follows_the_generation_config(tiny, tmp_path):
+    """eval.py stops on every eos of generation_config and applies its repetition penalty (the release's HF
+    generate does both) unless --repetition-penalty overrides it."""
+    model, proc = tiny
+    tok = proc.tokenizer
+    ids = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    saved = model.generation_config.eos_token_id, getattr(model.generation_config, "repetition_penalty", None)
+    model.generation_config.eos_token_id, model.generation_config.repetition_penalty = ids, 1.05
+    ckpt = tmp_path / "ckpt"
+    try:
+        model.save_pretrained(ckpt)
+        proc.save_pretrained(ckpt)
+    finally:
+        model.generation_config.eos_token_id, model.generation_config.repetition_penalty = saved
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (56, 56)).save(data / "a.png")
+    (data / "bird_seen.jsonl").write_text(json.dumps({"image_path": "a.png", "question": "What bird?",
+                                                      "options": ["A", "B", "C", "D"], "ground_truth": "A"}) + "\n")
+    got = []
+    real = ev.rollout.generate
+
+    def spy(model, batch, **kw):
+        got.append(kw)
+        return real(model, batch, **kw)
+    ev.rollout.generate = spy
+    try:
+        ev.main(["--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o1"), "--max-new-tokens", "3",
+                 "--mode", "closed"])
+        ev.main(["--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o2"), "--max-new-tokens", "3",
+                 "--mode", "closed", "--repetition-penalty", "1"])
+    finally:
+        ev.rollout.generate = real
+    assert set(ids) <= set(got[0]["stop_ids"])
+    assert (got[0]["repetition_penalty"], got[1]["repetition_penalty"]) == (1.05, 1.0)
+
+
 def test_responder_runs_greedy_generation_with_stop_tokens(tiny):
     """make_responder: left-padded batch, greedy, stops at <|im_end|> / eos, pad id; rows mapped by prompt_index."""
     model, proc = tiny
