@@ -357,7 +357,9 @@ def main(argv=None):
     args = get_args(argv)
     dist = distributed.setup()
     distributed.seed_everything(args.seed, dist.rank)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world)))))
+    # OMP_NUM_THREADS wins when set (note: on a shared CPU, more threads than free cores slows steps ~10x)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or
+                          max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world)))))
     out = Path(args.out)
     system = SYSTEM_PROMPT_R1 if args.system_prompt == "r1" else None
 
