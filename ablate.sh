@@ -22,7 +22,7 @@ one_seed() {  # the main job and the ablations of seed $1, into out/seeds/seed$1
   SEED=$s OUT=$O bash run.sh
   for v in $VARIANTS; do
     [ -e "$O/ablate/$v/final" ] || { t=$(date +%s)
-      python tapo.py --model $O/sft_cot/final --data $O/world --out $O/ablate/$v --seed "$s" ${TAPO_FLAGS:-"--defaults world"} ${FLAGS[$v]}
+      python tapo.py --model $O/sft_cot/final --data $O/world --out $O/ablate/$v --seed "$s" ${TAPO_FLAGS:---defaults world} ${FLAGS[$v]}
       echo "== tapo_$v: $(( $(date +%s) - t )) s" >> $O/timings.txt; }
     [ -e "$O/eval/$v/summary.json" ] || python eval.py --model $O/ablate/$v/final --data $O/world --out $O/eval/$v --tag "$v"
   done
