@@ -28,12 +28,15 @@ The paper analogy
 -----------------
 Class names say nothing about attributes, so naming a class needs *knowledge*, as naming a real species does.
 That knowledge lives in a pretraining corpus (`pretrain.json`, Stage-1 format, trained into the base model by
-`sft.py`): for EVERY class, seen and unseen, short encyclopaedic texts in both directions ("The Vesper Finch is
-a bird with ..." / "Which bird has ...? The Vesper Finch.") and its look-alikes, plus captions and attribute
-questions on many images of all classes that never name a class. The base model trained on it plays the role
-of Qwen2.5-VL-Instruct: it can see the attributes and knows every species' description, including species it
-will never be fine-tuned on, but has not learned to connect the two to name what it sees. Captions of
-unseen-class images are like web pretraining data: they describe, never name. Like the paper (section 4),
+`sft.py`), which makes the base model play Qwen2.5-VL-Instruct. For EVERY class, seen and unseen: encyclopaedic
+texts in both directions and field-guide quizzes under the later stages' prompts (text only); its own
+pretraining images (a pool disjoint from the 4-shot and test images), half of them named the web's way
+(`web_name`: a share names a look-alike, the genus or the super-category); and one instruction sample per
+image under the RL / open / closed prompts in <think>..</think><answer>..</answer> form (attribute questions
+that name no class, and a share `instruct_name_frac` of class questions answered with the noisy web name:
+a 0.7M model did not bridge attribute-only instruction tuning to class questions). Only a share
+`pattern_frac` of the texts about an image mention its pattern, a perception weakness shared by all classes.
+Like the paper (section 4),
 a seeded 60% of each domain's classes are seen and 40% unseen; CoT SFT gets one rationale per seen class,
 TAPO a 4-shot triplet set of seen classes, and eval covers seen and unseen classes. No unseen class name or
 unseen-class image reaches `cot_sft.json`, `sft_nocot.json` or `rl_train.jsonl`; option lists of the eval
