@@ -1,41 +1,80 @@
 #!/usr/bin/env bash
-# TAPO ablations on the embedded world (longer than the main job: ~6 variants x 3 seeds x ~3 min on 2 cores).
-# Needs the main job's CoT-SFT checkpoint (bash run.sh). Each variant trains TAPO from out/sft_cot/final with
-# one change, is evaluated closed- and open-world, and the per-seed results are tabled side by side
-# (out/ablate/results.md); mean and spread over seeds are in out/ablate/summary.json.
+# The paper's claims over seeds on the embedded world: for each seed (world split, base, SFT and TAPO together)
+# the main job (run.sh into out/seeds/seedS), then the TAPO ablations from that seed's CoT-SFT checkpoint, each
+# evaluated closed- and open-world; then mean ± std over seeds of every model and the four claims, checked
+# (out/claims.md, out/claims.json; appended to out/results.md). About 20 minutes per seed on 2 idle cores.
+#   bash ablate.sh                                   # seeds 0 1 2, ablations no_intra no_inter
+#   SEEDS="3 4" VARIANTS="no_intra no_inter dapo" bash ablate.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
-[ -e out/sft_cot/final ] || { echo "no out/sft_cot/final: run 'bash run.sh' first"; exit 1; }
+VARIANTS=${VARIANTS:-"no_intra no_inter"}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 declare -A FLAGS=(
-  [tapo]=""                                  # full TAPO: 5 + 5 rollouts, inter-class KL, release conditioning
   [no_intra]="--no-intra"                    # 10:0, all rollouts on the anchor
   [no_inter]="--no-inter"                    # gamma = eta2 = 0, no negative image
   [dapo]="--no-intra --no-inter"             # plain DAPO
   [cond_anchor]="--intra-condition anchor"   # paper's conditioning of positive rollouts (Δ1)
   [reward_official]="--reward official"      # the release's substring reward (Δ10)
 )
-specs=()
-for v in tapo no_intra no_inter dapo cond_anchor reward_official; do
-  for s in $SEEDS; do
-    out=out/ablate/$v/seed$s
-    [ -e "$out/final" ] || python tapo.py --defaults world --model out/sft_cot/final --data out/world --out "$out" --seed "$s" ${FLAGS[$v]}
-    [ -e "out/ablate/eval/$v.seed$s/summary.json" ] || \
-      python eval.py --model "$out/final" --data out/world --out "out/ablate/eval/$v.seed$s" --tag "$v seed $s"
-    specs+=("out/ablate/eval/$v.seed$s:$v seed $s")
+one_seed() {  # the main job and the ablations of seed $1, into out/seeds/seed$1
+  local s=$1 O=out/seeds/seed$1
+  SEED=$s OUT=$O bash run.sh
+  for v in $VARIANTS; do
+    [ -e "$O/ablate/$v/final" ] || { t=$(date +%s)
+      python tapo.py --model $O/sft_cot/final --data $O/world --out $O/ablate/$v --seed "$s" ${TAPO_FLAGS:---defaults world} ${FLAGS[$v]}
+      echo "== tapo_$v: $(( $(date +%s) - t )) s" >> $O/timings.txt; }
+    [ -e "$O/eval/$v/summary.json" ] || python eval.py --defaults world --model $O/ablate/$v/final --data $O/world --out $O/eval/$v --tag "$v"
   done
-done
-python eval.py --table "${specs[@]}" --table-out out/ablate/results
-python - <<'PY'
-import json, statistics, glob, collections
-rows = collections.defaultdict(list)
-for f in glob.glob("out/ablate/eval/*/summary.json"):
-    s = json.load(open(f)); v = f.split("/")[-2].split(".seed")[0]
-    rows[v].append({k: s["closed"][k]["avg"]["acc"] for k in ("seen", "unseen")} |
-                   {"open_" + k: s["open"][k]["avg"]["exact"] for k in ("seen", "unseen")})
-out = {v: {k: (statistics.mean(x[k] for x in r), statistics.pstdev([x[k] for x in r])) for k in r[0]} for v, r in rows.items()}
-json.dump(out, open("out/ablate/summary.json", "w"), indent=1)
-print("| variant | " + " | ".join(next(iter(out.values())).keys()) + " |")
-for v, m in sorted(out.items()):
-    print(f"| {v} | " + " | ".join(f"{a:.1f} ± {b:.1f}" for a, b in m.values()) + " |")
+}
+mkdir -p out/seeds
+if [ "${PARALLEL:-0}" = 1 ]; then  # one process per seed at once (logs in out/seeds/seedS.log)
+  for s in $SEEDS; do one_seed $s > out/seeds/seed$s.log 2>&1 & done
+  wait
+else
+  for s in $SEEDS; do one_seed $s; done
+fi
+SEEDS="$SEEDS" VARIANTS="$VARIANTS" python - <<'PY'
+import json, os, statistics
+seeds, variants = os.environ["SEEDS"].split(), os.environ["VARIANTS"].split()
+models = [("base", "Base"), ("sft_nocot", "SFT w/o CoT"), ("sft_cot", "CoT SFT"), ("tapo", "CoT SFT + TAPO")] + \
+         [(v, f"TAPO {v.replace('_', ' ')}") for v in variants]
+cols = [("closed", "seen", "acc"), ("closed", "unseen", "acc"), ("open", "seen", "ti"), ("open", "unseen", "ti"),
+        ("closed", "seen", "format"), ("closed", "unseen", "format"), ("open", "seen", "format"), ("open", "unseen", "format")]
+per = {m: {c: [] for c in cols} for m, _ in models}
+for s in seeds:
+    for m, _ in models:
+        summ = json.load(open(f"out/seeds/seed{s}/eval/{m}/summary.json"))
+        for c in cols:
+            per[m][c].append(summ[c[0]][c[1]]["avg"][c[2]])
+ms = lambda x: (statistics.mean(x), statistics.stdev(x) if len(x) > 1 else 0.0)
+mean = {m: {c: ms(v)[0] for c, v in d.items()} for m, d in per.items()}
+hdr = ["closed seen", "closed unseen", "open TI seen", "open TI unseen", "fmt closed seen", "fmt closed unseen",
+       "fmt open seen", "fmt open unseen"]
+lines = [f"## Claims over seeds {' '.join(seeds)} (mean ± std, %)", "",
+         "| model | " + " | ".join(hdr) + " |", "|---" * (len(hdr) + 1) + "|"]
+for m, name in models:
+    lines.append(f"| {name} | " + " | ".join("%.1f ± %.1f" % ms(per[m][c]) for c in cols) + " |")
+def gt(a, b, cs):  # claim holds on the mean, and in how many seeds
+    return all(mean[a][c] > mean[b][c] for c in cs), [sum(x > y for x, y in zip(per[a][c], per[b][c])) for c in cs]
+C, S, U, OS, OU = ("closed", "seen", "acc"), ("closed", "seen", "acc"), ("closed", "unseen", "acc"), ("open", "seen", "ti"), ("open", "unseen", "ti")
+claims = {
+  "1 CoT SFT > base, seen and unseen (closed)": gt("sft_cot", "base", [S, U]),
+  "2a SFT w/o CoT > base on seen (closed)": gt("sft_nocot", "base", [S]),
+  "2b SFT w/o CoT < CoT SFT on unseen (closed)": gt("sft_cot", "sft_nocot", [U]),
+  "3 TAPO > CoT SFT, seen and unseen, closed and open": gt("tapo", "sft_cot", [S, U, OS, OU]),
+}
+for v in variants:
+    ok = all(mean[v][c] <= mean["tapo"][c] for c in (S, U, OS, OU))
+    claims[f"4 TAPO {v} <= full TAPO (closed and open, seen and unseen)"] = (ok, [sum(x <= y for x, y in zip(per[v][c], per["tapo"][c])) for c in (S, U, OS, OU)])
+lines += ["", "| claim | holds on the mean | seeds where it holds, per column |", "|---|---|---|"]
+for k, (ok, n) in claims.items():
+    lines.append(f"| {k} | {'yes' if ok else 'NO'} | {' / '.join(f'{x}/{len(seeds)}' for x in n)} |")
+text = "\n".join(lines) + "\n"
+print(text)
+open("out/claims.md", "w").write(text)
+json.dump({"seeds": seeds, "per_seed": {m: {"/".join(c): v for c, v in d.items()} for m, d in per.items()},
+           "claims": {k: {"holds": ok, "seeds": n} for k, (ok, n) in claims.items()}}, open("out/claims.json", "w"), indent=1)
+if os.path.exists("out/results.md"):
+    open("out/results.md", "a").write("\n" + text)
 PY

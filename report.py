@@ -10,7 +10,7 @@ each checkpoint). Imports nothing of the project, so any stage can call it.
     write_html(path, runs)        -> one self-contained page: summary, confusions, items (side by side)
     plot_curves(run_dir)          -> run_dir/curves.png from run_dir/metrics.jsonl (pillow only)
 
-Intervals (REFERENCE.md section 5 gives point estimates only; these are ours):
+Intervals (the release's protocol, README "Release facts", gives point estimates only; these are ours):
 1. 95% percentile bootstrap over items, N_BOOT resamples, seeded by (seed, mode, split, dataset) so that a
    summary is reproducible and two models evaluated on the same items draw the same resamples. Items are
    resampled within each dataset; a split average (mean over datasets) and the overall figure (mean of seen and

@@ -5,8 +5,8 @@
     texts = decode(processor.tokenizer, ro)                          # for the reward
     lp = token_logprobs(model, to_train_batch(prompt_batch, ro))     # == ro.logprobs on ro.mask (fp32)
 
-The paper's TAPO samples n1 = n2 = 5 responses per (prompt, anchor) and (prompt, positive) (REFERENCE.md
-section 1, 3); the release samples with vLLM, Visual-RFT / VLM-R1 with HF `generate`. This file is the loop a
+The paper's TAPO samples n1 = n2 = 5 responses per (prompt, anchor) and (prompt, positive) (README
+"Release facts"); the release samples with vLLM, Visual-RFT / VLM-R1 with HF `generate`. This file is the loop a
 reader can follow line by line; `python bench.py rollout` times it against HF `generate` on TAPO's workload.
 
 What it implements

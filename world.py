@@ -1,7 +1,7 @@
 """The embedded benchmark: a synthetic fine-grained visual recognition world, written in the release's formats.
 
 No weights or datasets can be downloaded here, so the project ships its own small FGVR world in which the
-paper's setting (REFERENCE.md sections 1 and 4) holds in miniature and the whole pipeline runs on a CPU:
+paper's setting (README "Release facts") holds in miniature and the whole pipeline runs on a CPU:
 
     python world.py --out out/world                 # the default world, a few seconds
     python world.py --out out/world --preview       # also a contact sheet per domain (preview_DOMAIN.png)
@@ -28,12 +28,15 @@ The paper analogy
 -----------------
 Class names say nothing about attributes, so naming a class needs *knowledge*, as naming a real species does.
 That knowledge lives in a pretraining corpus (`pretrain.json`, Stage-1 format, trained into the base model by
-`sft.py`): for EVERY class, seen and unseen, short encyclopaedic texts in both directions ("The Vesper Finch is
-a bird with ..." / "Which bird has ...? The Vesper Finch.") and its look-alikes, plus captions and attribute
-questions on many images of all classes that never name a class. The base model trained on it plays the role
-of Qwen2.5-VL-Instruct: it can see the attributes and knows every species' description, including species it
-will never be fine-tuned on, but has not learned to connect the two to name what it sees. Captions of
-unseen-class images are like web pretraining data: they describe, never name. Like the paper (section 4),
+`sft.py`), which makes the base model play Qwen2.5-VL-Instruct. For EVERY class, seen and unseen: encyclopaedic
+texts in both directions and field-guide quizzes under the later stages' prompts (text only); its own
+pretraining images (a pool disjoint from the 4-shot and test images), half of them named the web's way
+(`web_name`: a share names a look-alike, the genus or the super-category); and one instruction sample per
+image under the RL / open / closed prompts in <think>..</think><answer>..</answer> form (attribute questions
+that name no class, and a share `instruct_name_frac` of class questions answered with the noisy web name:
+a 0.7M model did not bridge attribute-only instruction tuning to class questions). Only a share
+`pattern_frac` of the texts about an image mention its pattern, a perception weakness shared by all classes.
+Like the paper (section 4),
 a seeded 60% of each domain's classes are seen and 40% unseen; CoT SFT gets one rationale per seen class,
 TAPO a 4-shot triplet set of seen classes, and eval covers seen and unseen classes. No unseen class name or
 unseen-class image reaches `cot_sft.json`, `sft_nocot.json` or `rl_train.jsonl`; option lists of the eval
@@ -62,7 +65,7 @@ Deviations / choices
 1. Everything is deterministic per seed (byte-identical files). The class table of a domain (attributes and
    names) does not depend on the seed: only the split, the images and the texts' order do.
 2. `cot_sft.json` / `sft_nocot.json` carry the release's R1 system prompt (format fidelity); the stages decide
-   whether to use it (data.py: default none everywhere, REFERENCE.md Δ14).
+   whether to use it (data.py: default none everywhere, README Δ14).
 3. The CoT image of a seen class is its first 4-shot training image.
 """
 import argparse
@@ -283,8 +286,10 @@ def articles(text):
     return re.sub(r"\b([Aa]) ([aeiou])", r"\1n \2", text)
 
 
-def description(c):
-    return articles(DOMAINS[c.domain].describe(c.a))
+def description(c, pattern=True):
+    """The class's attributes in words; pattern=False leaves the pattern word out (a caption that omits it)."""
+    dom = DOMAINS[c.domain]
+    return articles(dom.describe(c.a) if pattern else dom.template.replace("{pattern} ", "").format(**c.a))
 
 
 def difference(c, other):
@@ -333,9 +338,91 @@ def knowledge(c, classes, rng=None):
     ]
 
 
-def caption(c):
+def caption(c, pattern=True):
     dom = DOMAINS[c.domain]
-    return f"{dom.article.capitalize()} {dom.noun} with {description(c)}."
+    return f"{dom.article.capitalize()} {dom.noun} with {description(c, pattern)}."
+
+
+def web_name(c, classes, rng, noise):
+    """The name a web caption gives an image of class c, with the web's imperfections: a share of captions
+    name a look-alike (the nearest class: a congener), only the genus ("a wren"), or only the super-category.
+    noise = (congener, genus, super) probabilities; the rest name the class."""
+    dom = DOMAINS[c.domain]
+    r, (p_con, p_gen, p_sup) = rng.random(), noise
+    if r < p_con:
+        return f"the {nearest(c, classes, 1, rng)[0].name}"
+    if r < p_con + p_gen:
+        genus = c.name.split()[1]
+        return f"{'an' if genus[0] in 'AEIOU' else 'a'} {genus.lower()}"
+    if r < p_con + p_gen + p_sup:
+        return f"{dom.article} {dom.noun}"
+    return f"the {c.name}"
+
+
+def named_caption(c, classes, rng, noise, pattern=True):
+    """(question, answer) of a web-like sample that names the image's class (or what `web_name` makes of it):
+    a caption ("This is the Tessel Wren, a bird with ...") or a plain question ("What kind of bird is this?")."""
+    dom = DOMAINS[c.domain]
+    name = web_name(c, classes, rng, noise)
+    if rng.random() < 0.5:
+        return (rng.choice(CAPTION_QUESTIONS).format(noun=dom.noun),
+                f"This is {name}, {dom.article} {dom.noun} with {description(c, pattern)}.")
+    return rng.choice(EVAL_QUESTIONS).format(noun=dom.noun), f"It is {name}."
+
+
+def analysis(c, pattern=True):
+    """The think of an instruction-following sample: what the image shows, in words."""
+    return f"The {DOMAINS[c.domain].noun} has {description(c, pattern)}."
+
+
+def instruct(c, rng, pattern=True, classes=None, noise=None):
+    """A question about an image of c under one of the RL / open-world / closed-world prompts, answered in
+    <think>..</think><answer>..</answer> form (an Instruct model's instruction tuning). Without `classes`: an
+    attribute question (names no class). With `classes`: the class question, answered with the web's noisy name
+    (`web_name`: a look-alike, the genus or the super-category in a share `noise`), closed-world options = the
+    class and its 3 nearest classes."""
+    dom = DOMAINS[c.domain]
+    kind = rng.choice(("rl", "open", "closed"))
+    if classes is None:
+        attr = rng.choice(COLOUR_PARTS[c.domain])
+        value = c.a[attr]
+        q = dom.vqa[attr].rstrip("?")
+        rl_q, q = f"Based on this image, {q[0].lower()}{q[1:]} of the {dom.noun}?", f"{q} of the {dom.noun}?"
+        opts = [value] + rng.sample([v for v in COLOURS if v != value], 3)
+    else:
+        value = web_name(c, classes, rng, noise)
+        value = value[4:] if value.startswith("the ") else value
+        rl_q, q = f"Based on this image, what {dom.kind} of {dom.noun} is shown?", rng.choice(EVAL_QUESTIONS).format(noun=dom.noun)
+        opts = [c.name] + [o.name for o in nearest(c, classes, 3, rng)]
+    if kind == "rl":
+        prompt = rl_prompt("<image> " + rl_q)  # as the RL rows' problem: the text keeps the space after <image>
+    elif kind == "open":
+        prompt = open_prompt(q)
+    else:
+        rng.shuffle(opts)
+        prompt = closed_prompt(q, opts)
+    return prompt, f"<think> {analysis(c, pattern)} </think>\n\n<answer>{value}</answer>"
+
+
+def quiz(c, classes, rng):
+    """A field-guide question in words (no image) under one of the later stages' prompts: the description of
+    class c -> its name, e.g. "Given the question: A bird has ... What kind of bird is it?, based on the options
+    provided in [...]"
+    -> "<think> The bird has ... </think>\\n\\n<answer>Tessel Wren</answer>". Knowledge in the Instruct format."""
+    dom = DOMAINS[c.domain]
+    seen_as = f"{dom.article.capitalize()} {dom.noun} has {description(c)}."
+    kind = rng.choice(("rl", "open", "closed"))
+    q = f"{seen_as} " + (f"What {dom.kind} of {dom.noun} is it?" if kind == "rl" else
+                         rng.choice(EVAL_QUESTIONS).format(noun=dom.noun).replace(" this", " it"))
+    if kind == "rl":
+        prompt = rl_prompt(q)
+    elif kind == "open":
+        prompt = open_prompt(q)
+    else:
+        opts = [c.name] + [o.name for o in nearest(c, classes, 3, rng)]
+        rng.shuffle(opts)
+        prompt = closed_prompt(q, opts)
+    return prompt, f"<think> {analysis(c)} </think>\n\n<answer>{c.name}</answer>"
 
 
 def tokenizer_corpus():
@@ -347,7 +434,10 @@ def tokenizer_corpus():
         texts.append(f"Based on this image, what {dom.kind} of {dom.noun} is shown?")
         texts += list(dom.vqa.values())
         for c in classes:
-            texts.append(caption(c))
+            texts += [caption(c), caption(c, False), analysis(c), analysis(c, False),
+                      f"This is the {c.name}, {dom.article} {dom.noun} with {description(c)}. It is the {c.name}.",
+                      f"This is a {c.name.split()[1].lower()}, It is an {dom.noun}."]
+            texts += [instruct(c, seeded("tok", c.name, i))[1] for i in range(2)]
             texts += [f"{q} {a}" for q, a in knowledge(c, classes)]
             texts.append(rationale(c, [c] + nearest(c, classes, 3)))
     return texts
@@ -508,7 +598,8 @@ def _dump_jsonl(path, rows):
 
 
 def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, captions=20, vqa=0,
-             knowledge_repeats=5, seen_frac=0.6, domains=tuple(DOMAINS), workers=2, verbose=False):
+             knowledge_repeats=3, seen_frac=0.6, name_frac=0.5, name_noise=(0.2, 0.1, 0.1), pattern_frac=0.3,
+             instruct_per_image=1, instruct_name_frac=0.4, quizzes=8, domains=tuple(DOMAINS), workers=2, verbose=False):
     """Write the world into `out_dir` (see the module docstring for the files) and return its Path."""
     t0 = time.time()
     out = Path(out_dir)
@@ -522,7 +613,10 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
     jobs, meta = [], {"generator": "world.py", "version": VERSION, "seed": seed,
                       "sizes": dict(classes_per_domain=classes_per_domain, shots=shots,
                                     test_per_class=test_per_class, captions=captions, vqa=vqa,
-                                    knowledge_repeats=knowledge_repeats, seen_frac=seen_frac),
+                                    knowledge_repeats=knowledge_repeats, seen_frac=seen_frac,
+                                    name_frac=name_frac, name_noise=list(name_noise), pattern_frac=pattern_frac,
+                                    instruct_per_image=instruct_per_image, instruct_name_frac=instruct_name_frac,
+                                    quizzes=quizzes),
                       "image_size": SIZE, "colours": COLOURS, "patterns": list(PATTERNS), "domains": {}}
     pretrain, cot, nocot, rl = [], [], [], []
     evals = {}
@@ -552,14 +646,30 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
                 for q, a in knowledge(c, classes, rng):
                     pretrain.append({"messages": [{"role": "user", "content": q},
                                                   {"role": "assistant", "content": a}], "images": []})
+            for _ in range(quizzes):
+                q, a = quiz(c, classes, rng)
+                pretrain.append({"messages": [{"role": "user", "content": q},
+                                              {"role": "assistant", "content": a}], "images": []})
+        # every pretraining image (its own pool: never a 4-shot or test image) gets one web-like caption, which
+        # names the class (with web noise) in a share `name_frac`, and `instruct_per_image` attribute questions
+        # under the later stages' prompts. Only a share `pattern_frac` of the texts about an image mention its
+        # pattern: the base model reads patterns unreliably (a perception confusion shared by all classes).
         n_pre = 0
         for c in classes:
-            for _ in range(captions):
+            for i in range(captions):
                 rel = image(c, "pretrain", n_pre)
                 n_pre += 1
-                q = rng.choice(CAPTION_QUESTIONS).format(noun=dom.noun)
+                if i < round(name_frac * captions):  # the same share of every class's images is named
+                    q, a = named_caption(c, classes, rng, name_noise, rng.random() < pattern_frac)
+                else:
+                    q, a = rng.choice(CAPTION_QUESTIONS).format(noun=dom.noun), caption(c, rng.random() < pattern_frac)
                 pretrain.append({"messages": [{"role": "user", "content": "<image>" + q},
-                                              {"role": "assistant", "content": caption(c)}], "images": [rel]})
+                                              {"role": "assistant", "content": a}], "images": [rel]})
+                for _ in range(instruct_per_image):
+                    named = rng.random() < instruct_name_frac
+                    q, a = instruct(c, rng, rng.random() < pattern_frac, classes if named else None, name_noise)
+                    pretrain.append({"messages": [{"role": "user", "content": "<image>" + q},
+                                                  {"role": "assistant", "content": a}], "images": [rel]})
                 for attr in rng.sample([k for k, _ in dom.attributes], min(vqa, len(dom.attributes))):
                     pretrain.append({"messages": [{"role": "user", "content": "<image>" + dom.vqa[attr]},
                                                   {"role": "assistant", "content": c.a[attr]}], "images": [rel]})
@@ -667,13 +777,28 @@ def main():
     p.add_argument("--captions", type=int, default=20, help="captioned pretraining images per class")
     p.add_argument("--vqa", type=int, default=0,
                    help="attribute questions per captioned image (measured: learnt far slower than captions)")
-    p.add_argument("--knowledge-repeats", type=int, default=5, help="copies of each class's knowledge texts")
+    p.add_argument("--knowledge-repeats", type=int, default=3, help="copies of each class's knowledge texts")
+    p.add_argument("--name-frac", type=float, default=0.5,
+                   help="share of pretraining images whose caption names the class (web-like, with --name-noise)")
+    p.add_argument("--name-noise", type=float, nargs=3, default=(0.2, 0.1, 0.1), metavar=("CONGENER", "GENUS", "SUPER"),
+                   help="of the naming captions: shares naming the nearest class, only the genus, only the super-category")
+    p.add_argument("--pattern-frac", type=float, default=0.3,
+                   help="share of texts about a pretraining image that mention its pattern (the base reads it unreliably)")
+    p.add_argument("--instruct-per-image", type=int, default=1,
+                   help="attribute questions per pretraining image under the RL / open / closed prompts (format)")
+    p.add_argument("--instruct-name-frac", type=float, default=0.4,
+                   help="share of those questions that ask the class (answered with the web's noisy name)")
+    p.add_argument("--quizzes", type=int, default=8, help="text-only field-guide questions per class under the "
+                   "RL / open / closed prompts (description -> name, no image)")
     p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), help="domains")
     p.add_argument("--workers", type=int, default=2, help="processes for image rendering (0 or 1: in-process)")
     args = p.parse_args()
     out = generate(args.out, seed=args.seed, classes_per_domain=args.classes_per_domain, shots=args.shots,
                    test_per_class=args.test_per_class, captions=args.captions, vqa=args.vqa,
-                   knowledge_repeats=args.knowledge_repeats, seen_frac=args.seen_frac,
+                   knowledge_repeats=args.knowledge_repeats, seen_frac=args.seen_frac, name_frac=args.name_frac,
+                   name_noise=tuple(args.name_noise), pattern_frac=args.pattern_frac,
+                   instruct_per_image=args.instruct_per_image, instruct_name_frac=args.instruct_name_frac,
+                   quizzes=args.quizzes,
                    domains=tuple(args.domains), workers=args.workers, verbose=True)
     if args.preview:
         for path in preview(out):

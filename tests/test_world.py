@@ -175,29 +175,57 @@ def test_nocot_file_mirrors_cot_file(small):
         assert b["messages"][2]["content"] == f"<answer>{label}</answer>"
 
 
-def test_pretraining_corpus_knows_every_class_and_captions_name_none(small, meta):
-    """pretrain.json: text-only knowledge names every class (both directions); image samples name no class."""
-    samples = json.loads((small / "pretrain.json").read_text())
+def test_pretraining_corpus_names_every_class_on_its_own_images(small, meta, tmp_path):
+    """pretrain.json: knowledge texts name every class; web-like captions name images of every class, seen AND
+    unseen (here without naming noise), and every image sample uses the pretraining pool only."""
+    clean = world.generate(tmp_path / "w", seed=3, **dict(SMALL, name_noise=(0, 0, 0)))
+    samples = json.loads((clean / "pretrain.json").read_text())
     names = list(classes_of(meta))
     text_only = [s for s in samples if not s["images"]]
     with_image = [s for s in samples if s["images"]]
     for n in names:
         assert any(s["messages"][0]["content"] == f"Describe the {n}." for s in text_only), n
-        assert any(n in s["messages"][1]["content"] and n not in s["messages"][0]["content"] for s in text_only), n
-    for s in with_image:
-        assert not [n for n in names if n in json.dumps(s)], s
+        assert any(n in s["messages"][1]["content"] for s in with_image), n
     assert all(p.startswith("images/pretrain/") for s in with_image for p in s["images"])
 
 
-def test_pretraining_images_cover_all_classes_and_are_distinct(small, meta):
-    """Captioned images exist for unseen classes too, and are files no train/test record uses."""
+def test_instruction_samples_follow_the_stage_prompts(small, meta):
+    """The base model's format samples (pretraining images under the RL / open / closed prompts) answer
+    <think>..</think><answer>..</answer>: attribute questions with a colour and no class name anywhere; class
+    questions with the web's (noisy) name; text-only field-guide quizzes with the described class."""
     samples = json.loads((small / "pretrain.json").read_text())
-    captions = {s["messages"][1]["content"] for s in samples if s["images"]}
-    assert {world.caption(c) for c in classes_of(meta).values()} <= captions
+    names = list(classes_of(meta))
+    inst = [s for s in samples if "<think>" in s["messages"][1]["content"]]
+    kinds = {"rl": 0, "open": 0, "closed": 0}
+    n_attr = 0
+    for s in inst:
+        q, a = s["messages"][0]["content"], s["messages"][1]["content"]
+        kinds["rl"] += q.endswith(data.RL_SUFFIX)
+        kinds["open"] += "This is a fine-grained question." in q
+        kinds["closed"] += "based on the options provided in" in q
+        m = re.fullmatch(r"<think> .+ </think>\n\n<answer>(.+)</answer>", a)
+        assert m, a
+        if m.group(1) in world.COLOURS:
+            n_attr += 1
+            assert s["images"] and not [n for n in names if n in q + a], s
+        else:
+            assert not s["images"] or s["images"][0].startswith("images/pretrain/"), s
+    assert all(kinds.values()) and sum(kinds.values()) == len(inst) and n_attr > 0
+
+
+def test_pretraining_pool_4shot_and_test_images_are_disjoint(small, meta):
+    """Pretraining, 4-shot training and test images are three disjoint sets of files, and of pixels."""
+    samples = json.loads((small / "pretrain.json").read_text())
     pre = {p for s in samples for p in s["images"]}
-    used = set(re.findall(r'"(images/[^"]+)"', "".join(f.read_text() for f in small.glob("*.json*")
-                                                      if f.name != "pretrain.json")))
-    assert pre and used and not pre & used
+    train = set(re.findall(r'"(images/train/[^"]+)"', "".join(f.read_text() for f in training_files(small))))
+    test = {json.loads(x)["image_path"] for f in small.glob("*_*seen.jsonl") for x in f.read_text().splitlines()}
+    assert pre and train and test
+    assert all(p.startswith("images/pretrain/") for p in pre) and all(p.startswith("images/test/") for p in test)
+    assert not pre & train and not pre & test and not train & test
+    digest = {s: {hashlib.sha256((small / p).read_bytes()).hexdigest() for p in ps}
+              for s, ps in (("pre", pre), ("train", train), ("test", test))}
+    assert not digest["pre"] & digest["train"] and not digest["pre"] & digest["test"]
+    assert not digest["train"] & digest["test"]
 
 
 def test_images_are_112px_rgb_pngs(small):
