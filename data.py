@@ -56,7 +56,7 @@ from reward import release_label
 # ----------------------------------------------------------------------------------------------------------
 # Prompts (the release's strings, verbatim)
 
-SYSTEM_PROMPT_R1 = (  # shared/formats/stage1_cot_sft.sample.json, system message
+SYSTEM_PROMPT_R1 = (  # tests/fixtures/stage1_cot_sft.sample.json, system message
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
     "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
     "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "

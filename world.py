@@ -162,7 +162,7 @@ DOMAINS = {
 # the coloured parts of each domain (all their values are colour names); the drawing functions use these names
 COLOUR_PARTS = {d: tuple(a for a, v in dom.attributes if set(v) <= set(COLOURS)) for d, dom in DOMAINS.items()}
 
-EVAL_QUESTIONS = (  # the release's eval question styles (shared/formats/eval_*.sample.jsonl)
+EVAL_QUESTIONS = (  # the release's eval question styles (tests/fixtures/eval_*.sample.jsonl)
     "What kind of {noun} is this?", "What type of {noun} is shown in the image?",
     "What is the {noun} shown in the photo?", "Do you know what {noun} this is?",
     "What is the name of the {noun} in the photo?", "What is the {noun} featured in this picture?")
