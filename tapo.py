@@ -369,7 +369,7 @@ def rl_batches(model, ref, processor, prompts, args, system, dist, step):
         # ---- 1-3. prompts, rollouts, dynamic sampling (Δ7: drop all-right / all-wrong groups, <= max_retries);
         # every try draws a full mini rollout batch, as the release, and keeps what fits
         model.eval()
-        kept, drawn, retries, n_tok, t0 = [], [], 0, 0, time.time()
+        kept, drawn, retries, n_tok, survived, t0 = [], [], 0, 0, 0, time.time()
         for attempt in range(args.max_retries + 1):
             rows = prompts.take(per_try)
             seed_base = ((args.seed * 1_000_003 + step) * 1_000_003 + attempt * 4099 + dist.rank) * 100_000
@@ -378,6 +378,7 @@ def rl_batches(model, ref, processor, prompts, args, system, dist, step):
             drawn += groups
             n_tok += nt
             survivors = [g for g in groups if 0.01 < g.accuracy() < 0.99]
+            survived += len(survivors)
             # collective (only with the flag, the same on every rank): did any group of this try survive anywhere?
             if args.keep_unfiltered and distributed.all_sum(float(len(survivors))) == 0:
                 survivors = groups  # the release's quirk: nothing survived, so the whole try is kept
@@ -413,7 +414,7 @@ def rl_batches(model, ref, processor, prompts, args, system, dist, step):
         # sampler vs trainer mismatch, on rollouts whose old log-probs were computed on their own image
         gap = max([float((s.sample_lp - s.old).abs().max()) for s, side in zip(samples, upd)
                    if s.weight > 0 and side == s.side and len(s.ids)] or [0.0])
-        yield samples, dict(drawn=drawn, kept=len(kept), retries=retries, gen_tokens=n_tok, gen_s=t_gen, lp_gap=gap)
+        yield samples, dict(drawn=drawn, kept=len(kept), survived=survived, retries=retries, gen_tokens=n_tok, gen_s=t_gen, lp_gap=gap)
         step += 1
 
 
@@ -503,14 +504,15 @@ def step_metrics(step, samples, stats, sums, gnorm, updates, skipped, t_step, n2
         sum(s.overall for s in rollouts), sum(s.accuracy for s in rollouts), sum(s.format for s in rollouts),
         len(rollouts), sum(s.accuracy for s in anchor), len(anchor), sum(s.accuracy for s in positive), len(positive),
         sum(len(s.ids) for s in rollouts), sum(s.finish == "length" for s in rollouts),
-        stats["kept"], len(stats["drawn"]), stats["gen_tokens"], *sums.tolist()], dtype=torch.float64)
+        stats["kept"], len(stats["drawn"]), stats["gen_tokens"], stats["survived"], *sums.tolist()],
+        dtype=torch.float64)
     tot = distributed.all_sum(local).tolist()  # collective: one all-reduce of every rank's sums
-    (reward, acc, fmt, n, acc_a, n_a, acc_p, n_p, length, trunc, kept, drawn, gen_tok), loss = tot[:13], tot[13:]
+    (reward, acc, fmt, n, acc_a, n_a, acc_p, n_p, length, trunc, kept, drawn, gen_tok, surv), loss = tot[:14], tot[14:]
     ls = dict(zip(LOSS_STATS, loss))
     ntok = max(1.0, ls["tokens"])
     return dict(step=step, reward=reward / max(1, n), acc=acc / max(1, n), acc_anchor=acc_a / max(1, n_a),
                 acc_positive=acc_p / max(1, n_p) if n2 else None, format=fmt / max(1, n), kept=kept,
-                drawn=drawn, kept_frac=kept / max(1, drawn), retries=stats["retries"], updates=updates, skipped=skipped,
+                drawn=drawn, kept_frac=kept / max(1, drawn), survived_frac=surv / max(1, drawn), retries=stats["retries"], updates=updates, skipped=skipped,
                 loss=ls["loss"] / ntok,
                 pg=ls["pg"] / ntok, kl_neg=ls["k"] / ntok, kl_neg_clamped=ls["k_clamped"] / ntok,
                 entropy=ls["ent"] / ntok, clip_frac=ls["clip"] / ntok, dual_clip_frac=ls["dual"] / ntok,
@@ -522,7 +524,7 @@ def step_metrics(step, samples, stats, sums, gnorm, updates, skipped, t_step, n2
 def log_line(m, max_steps, n2):
     return (f"step {m['step']}/{max_steps} | reward {m['reward']:.3f} | acc {m['acc']:.3f} (anchor {m['acc_anchor']:.3f}"
             + (f", pos {m['acc_positive']:.3f}" if n2 else "") + f") | fmt {m['format']:.2f} | kept "
-            f"{int(m['kept'])}/{int(m['drawn'])} retries {m['retries']} | "
+            f"{int(m['kept'])}/{int(m['drawn'])} (survived {m['survived_frac']:.2f}) retries {m['retries']} | "
             f"kl_neg {m['kl_neg']:.4f} | ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | len {m['len']:.0f} | "
             f"gap {m['lp_gap']:.1e} | {m['rollout_tok_s']:.0f} tok/s | {m['step_s']:.1f} s"
             + (f" | no group survived after {m['retries']} retries: no update" if m["kept"] == 0 else "")
