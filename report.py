@@ -539,7 +539,7 @@ def _items_html(recs, tags, n, seed_str):
 # ----------------------------------------------------------------------------------------------------------
 # Training curves (pillow only)
 
-CURVES = {"tapo": ("reward", "acc", "kept_frac", "kl_neg", "entropy", "loss"),
+CURVES = {"tapo": ("reward", "acc", "survived_frac", "kl_neg", "entropy", "loss"),
           "sft": ("loss", "lr", "grad_norm")}
 UPDATE_ONLY = ("kl_neg", "entropy", "loss")  # TAPO logs 0 for these on a step where no group survived
 
@@ -562,6 +562,7 @@ def curve_series(run_dir):
         except json.JSONDecodeError:
             continue
         if isinstance(m, dict) and "step" in m:
+            m.setdefault("survived_frac", m.get("kept_frac"))  # runs logged before survived_frac existed
             by_step[m["step"]] = m
     keys = CURVES["tapo"] if any("reward" in m for m in by_step.values()) else CURVES["sft"]
     series = {k: [(s, float(by_step[s][k])) for s in sorted(by_step) if isinstance(by_step[s].get(k), (int, float))
@@ -571,7 +572,7 @@ def curve_series(run_dir):
 
 def plot_curves(run_dir, name="curves.png"):
     """run_dir/curves.png: one small panel per metric of run_dir/metrics.jsonl against step (TAPO: reward, acc,
-    kept_frac, kl_neg, entropy, loss; SFT: loss, lr, grad_norm). Returns the path, or None without metrics."""
+    survived_frac, kl_neg, entropy, loss; SFT: loss, lr, grad_norm). Returns the path, or None without metrics."""
     run_dir = Path(run_dir)
     series = curve_series(run_dir)
     if not series:
