@@ -37,3 +37,13 @@ def padded_batch(processor, sizes=((112, 112), (140, 112), (112, 84)), responses
     responses = responses or [default[s % 3] for s in seeds]
     return join_prompt_response(prompt, encode_responses(processor.tokenizer, responses),
                                 processor.tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small embedded world (2 domains x 4 classes, 2 shots) for end-to-end TAPO runs."""
+    import world
+    out = tmp_path_factory.mktemp("world")
+    world.generate(out, classes_per_domain=4, shots=2, test_per_class=1, captions=1, knowledge_repeats=1,
+                   domains=("bird", "flower"), workers=1)
+    return out

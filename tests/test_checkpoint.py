@@ -314,15 +314,6 @@ def test_fsdp2_saves_before_the_first_step_and_resumes_exactly(tmp_path):
         "step_0": {"optimizer_saved": False, "identical": True}, "step_2": {"optimizer_saved": True, "identical": True}}
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    import world
-    out = tmp_path_factory.mktemp("world")
-    world.generate(out, classes_per_domain=4, shots=2, test_per_class=1, captions=1, knowledge_repeats=1,
-                   domains=("bird", "flower"), workers=1)
-    return out
-
-
 def tapo_args(world_dir, out, *extra):
     return ["tests/tapo_worker.py", "--data", str(world_dir), "--out", str(out), "--max-steps", "5",
             "--save-every", "1"] + FAST + list(extra)

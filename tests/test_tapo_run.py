@@ -14,15 +14,6 @@ FAST = ["--model", "tiny", "--max-new-tokens", "12", "--rollout-batch", "2", "--
         "--min-pixels", "0", "--max-pixels", "0"]
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    import world
-    out = tmp_path_factory.mktemp("world")
-    world.generate(out, classes_per_domain=4, shots=2, test_per_class=1, captions=1, knowledge_repeats=1,
-                   domains=("bird", "flower"), workers=1)
-    return out
-
-
 def run(args, nproc=None, env_extra=None, timeout=400):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
