@@ -339,3 +339,15 @@ def test_triplet_follows_the_anchor_budget(tmp_path):
                      problem="<image> q", answer="x", source="t")
     a, p, n = data.load_triplet(row, min_pixels=24000, max_pixels=None)
     assert a.size == (200, 120) and p.size == n.size == a.size
+
+
+def test_stacked_prompts_equal_one_processor_call(tiny):
+    """stack_prompts of single-row encodings equals encode_prompts of the whole batch (TAPO reuses encodings)."""
+    from conftest import random_image
+    _, proc = tiny
+    images = [random_image(112 + 28 * i, 112, i) for i in range(3)]
+    texts = ["What is this?", "What species of bird is shown in this image, please?", "Hi"]
+    whole = data.encode_prompts(proc, images, texts)
+    stacked = data.stack_prompts([data.encode_prompts(proc, [im], [t]) for im, t in zip(images, texts)],
+                                 proc.tokenizer.pad_token_id)
+    assert whole.keys() == stacked.keys() and all(torch.equal(whole[k], stacked[k]) for k in whole)
