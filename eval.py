@@ -546,8 +546,11 @@ def main(argv=None, respond=None):
     dist = distributed.setup()
     splits = tuple(s for s in SPLITS if getattr(args, s)) or SPLITS
     modes = MODES if args.mode == "both" else (args.mode,)
-    files = find_eval_files(args.data, splits)
-    items, raw = load_items(files, args.image_root, args.limit)
+    try:
+        files = find_eval_files(args.data, splits)
+        items, raw = load_items(files, args.image_root, args.limit)
+    except DataError as err:
+        raise SystemExit(f"eval.py: bad data: {err}") from None
     units = make_units(items, modes, args.options_order, args.seed, args.super_category, raw)
     units += sampled_units(units, args.samples, args.temperature, args.seed)
 

@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import distributed
 import training
-from data import SYSTEM_PROMPT_R1, RowStream, encode_prompts, join_prompt_response, load_stage2, load_triplet, \
-    prompt_length, rl_prompt, stack_prompts
+from data import SYSTEM_PROMPT_R1, DataError, RowStream, encode_prompts, join_prompt_response, load_stage2, \
+    load_triplet, prompt_length, rl_prompt, stack_prompts
 from checkpoint import newest_checkpoint
 from policy import load_policy, stop_token_ids, token_logprobs, vision_token_ids
 from reward import score
@@ -414,7 +414,8 @@ def rl_batches(model, ref, processor, prompts, args, system, dist, step):
         # sampler vs trainer mismatch, on rollouts whose old log-probs were computed on their own image
         gap = max([float((s.sample_lp - s.old).abs().max()) for s, side in zip(samples, upd)
                    if s.weight > 0 and side == s.side and len(s.ids)] or [0.0])
-        yield samples, dict(drawn=drawn, kept=len(kept), survived=survived, retries=retries, gen_tokens=n_tok, gen_s=t_gen, lp_gap=gap)
+        yield samples, dict(drawn=drawn, kept=len(kept), survived=survived, retries=retries, gen_tokens=n_tok,
+                            gen_s=t_gen, lp_gap=gap)
         step += 1
 
 
@@ -564,7 +565,10 @@ def main(argv=None):
         ref = load_policy(args.model, dtype=torch.float32)[0].to(dist.device).eval().requires_grad_(False)
     opt = training.build_optimizer(model, args.lr, args.weight_decay, decay_1d=True)  # release: AdamW on all
     check_batch_sizes(args, dist.world)
-    rows, too_long = within_prompt_cap(load_stage2(args.data, args.image_root), processor, system, args)
+    try:
+        rows, too_long = within_prompt_cap(load_stage2(args.data, args.image_root), processor, system, args)
+    except DataError as e:
+        raise SystemExit(f"tapo.py: bad data: {e}") from None
     if not rows:
         raise SystemExit(f"tapo.py: every row of {args.data} is longer than --max-prompt-length {args.max_prompt_length}")
     prompts = RowStream(rows, args.seed, dist.rank, dist.world)

@@ -524,3 +524,10 @@ def test_two_ranks_shard_pad_and_gather(tmp_path):
     assert s["closed"]["seen"]["bird"].pop("ci")["acc"] == [100.0, 100.0]
     assert s["closed"]["seen"]["bird"] == {"acc": 100.0, "exact": 100.0, "format": 100.0, "no_option": 0.0,
                                            "truncated": 0.0, "n": 5}
+
+
+def test_missing_data_is_a_clean_error(tmp_path):
+    """--data naming nothing stops with 'eval.py: bad data: PATH ...', not a traceback."""
+    with pytest.raises(SystemExit, match=r"eval\.py: bad data: .*nowhere: no such eval file or folder"):
+        ev.main(["--model", "fake", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
+                respond=lambda images, prompts: ["x"] * len(prompts))
