@@ -299,22 +299,28 @@ def difference(c, other):
     return " and ".join(diffs)
 
 
-def reasoning(c, candidates):
-    """The text half of the CoT: candidates, comparison, prediction (shared by rationales and knowledge)."""
-    comp = [f"{o.name} matches" if o.name == c.name else f"{o.name} has {difference(c, o)}" for o in candidates]
+def reasoning(c, candidates, comparison="difference"):
+    """The text half of the CoT: candidates, comparison, prediction (shared by rationales and knowledge).
+    comparison "difference": each other candidate's differing attributes ("A has green wings"), the class
+    "matches"; "describe": every candidate's whole description, recalled from knowledge ("A has a red head,
+    plain green wings and a yellow body"), the prediction is the one equal to the visual analysis."""
+    if comparison == "describe":
+        comp = [f"{o.name} has {description(o)}" for o in candidates]
+    else:
+        comp = [f"{o.name} matches" if o.name == c.name else f"{o.name} has {difference(c, o)}" for o in candidates]
     return (f"Candidates: {', '.join(o.name for o in candidates)}. "
             f"Comparison: {'; '.join(comp)}. Prediction: {c.name}.")
 
 
-def rationale(c, candidates):
+def rationale(c, candidates, comparison="difference"):
     """The paper's four-part CoT (visual analysis, <=4 candidates, comparison, prediction) in the release's
     target form `<think> ... </think>\\n\\n<answer>LABEL</answer>`."""
     dom = DOMAINS[c.domain]
-    think = f"Visual analysis: the {dom.noun} has {description(c)}. " + reasoning(c, candidates)
+    think = f"Visual analysis: the {dom.noun} has {description(c)}. " + reasoning(c, candidates, comparison)
     return f"<think> {think} </think>\n\n<answer>{c.name}</answer>"
 
 
-def knowledge(c, classes, rng=None):
+def knowledge(c, classes, rng=None, comparison="difference"):
     """Encyclopaedic (question, answer) pairs about class c, both directions (against the reversal curse).
     With rng, the field-guide candidates are shuffled (as in a CoT rationale); without, c comes first."""
     dom, desc = DOMAINS[c.domain], description(c)
@@ -334,7 +340,7 @@ def knowledge(c, classes, rng=None):
                                                         f"{c.name}."),
         # field-guide reasoning in words (no image): which species fit a description and how they differ. This is
         # the knowledge a CoT rationale draws on after its visual analysis (the text half of `rationale`).
-        (f"{dom.article.capitalize()} {dom.noun} has {desc}. Which {dom.noun} is it?", reasoning(c, guide)),
+        (f"{dom.article.capitalize()} {dom.noun} has {desc}. Which {dom.noun} is it?", reasoning(c, guide, comparison)),
     ]
 
 
@@ -394,6 +400,8 @@ def instruct(c, rng, pattern=True, classes=None, noise=None):
         value = value[4:] if value.startswith("the ") else value
         rl_q, q = f"Based on this image, what {dom.kind} of {dom.noun} is shown?", rng.choice(EVAL_QUESTIONS).format(noun=dom.noun)
         opts = [c.name] + [o.name for o in nearest(c, classes, 3, rng)]
+        if kind == "closed" and value not in opts:  # an Instruct model answers with one of the options: the
+            value = c.name                           # web's genus / super-category names apply to open prompts only
     if kind == "rl":
         prompt = rl_prompt("<image> " + rl_q)  # as the RL rows' problem: the text keeps the space after <image>
     elif kind == "open":
@@ -598,8 +606,9 @@ def _dump_jsonl(path, rows):
 
 
 def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, captions=20, vqa=0,
-             knowledge_repeats=3, seen_frac=0.6, name_frac=0.5, name_noise=(0.2, 0.1, 0.1), pattern_frac=0.3,
-             instruct_per_image=1, instruct_name_frac=0.4, quizzes=8, domains=tuple(DOMAINS), workers=2, verbose=False):
+             knowledge_repeats=3, seen_frac=0.6, name_frac=0.5, name_noise=(0.1, 0.05, 0.05), pattern_frac=0.3,
+             instruct_per_image=1, instruct_name_frac=0.7, quizzes=8, comparison="difference", domains=tuple(DOMAINS),
+             workers=2, verbose=False):
     """Write the world into `out_dir` (see the module docstring for the files) and return its Path."""
     t0 = time.time()
     out = Path(out_dir)
@@ -616,7 +625,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
                                     knowledge_repeats=knowledge_repeats, seen_frac=seen_frac,
                                     name_frac=name_frac, name_noise=list(name_noise), pattern_frac=pattern_frac,
                                     instruct_per_image=instruct_per_image, instruct_name_frac=instruct_name_frac,
-                                    quizzes=quizzes),
+                                    quizzes=quizzes, comparison=comparison),
                       "image_size": SIZE, "colours": COLOURS, "patterns": list(PATTERNS), "domains": {}}
     pretrain, cot, nocot, rl = [], [], [], []
     evals = {}
@@ -643,7 +652,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
         # ---- pretraining corpus: knowledge of every class (text only) + captions/VQA of images of all classes
         for c in classes:
             for _ in range(knowledge_repeats):
-                for q, a in knowledge(c, classes, rng):
+                for q, a in knowledge(c, classes, rng, comparison):
                     pretrain.append({"messages": [{"role": "user", "content": q},
                                                   {"role": "assistant", "content": a}], "images": []})
             for _ in range(quizzes):
@@ -688,7 +697,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
             for p in prompts:
                 user = {"role": "user", "content": "<image>" + p}
                 cot.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT_R1}, user,
-                                         {"role": "assistant", "content": rationale(c, cands)}],
+                                         {"role": "assistant", "content": rationale(c, cands, comparison)}],
                             "images": [train[c.name][0]]})
                 nocot.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT_R1}, user,
                                            {"role": "assistant", "content": f"<answer>{c.name}</answer>"}],
@@ -780,16 +789,19 @@ def main():
     p.add_argument("--knowledge-repeats", type=int, default=3, help="copies of each class's knowledge texts")
     p.add_argument("--name-frac", type=float, default=0.5,
                    help="share of pretraining images whose caption names the class (web-like, with --name-noise)")
-    p.add_argument("--name-noise", type=float, nargs=3, default=(0.2, 0.1, 0.1), metavar=("CONGENER", "GENUS", "SUPER"),
+    p.add_argument("--name-noise", type=float, nargs=3, default=(0.1, 0.05, 0.05), metavar=("CONGENER", "GENUS", "SUPER"),
                    help="of the naming captions: shares naming the nearest class, only the genus, only the super-category")
     p.add_argument("--pattern-frac", type=float, default=0.3,
                    help="share of texts about a pretraining image that mention its pattern (the base reads it unreliably)")
     p.add_argument("--instruct-per-image", type=int, default=1,
                    help="attribute questions per pretraining image under the RL / open / closed prompts (format)")
-    p.add_argument("--instruct-name-frac", type=float, default=0.4,
+    p.add_argument("--instruct-name-frac", type=float, default=0.7,
                    help="share of those questions that ask the class (answered with the web's noisy name)")
     p.add_argument("--quizzes", type=int, default=8, help="text-only field-guide questions per class under the "
                    "RL / open / closed prompts (description -> name, no image)")
+    p.add_argument("--comparison", choices=("difference", "describe"), default="difference",
+                   help="the rationale's comparison step: each candidate's differences from the class, or each "
+                        "candidate's whole description recalled from knowledge")
     p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), help="domains")
     p.add_argument("--workers", type=int, default=2, help="processes for image rendering (0 or 1: in-process)")
     args = p.parse_args()
@@ -798,7 +810,7 @@ def main():
                    knowledge_repeats=args.knowledge_repeats, seen_frac=args.seen_frac, name_frac=args.name_frac,
                    name_noise=tuple(args.name_noise), pattern_frac=args.pattern_frac,
                    instruct_per_image=args.instruct_per_image, instruct_name_frac=args.instruct_name_frac,
-                   quizzes=args.quizzes,
+                   quizzes=args.quizzes, comparison=args.comparison,
                    domains=tuple(args.domains), workers=args.workers, verbose=True)
     if args.preview:
         for path in preview(out):

@@ -213,6 +213,33 @@ def test_instruction_samples_follow_the_stage_prompts(small, meta):
     assert all(kinds.values()) and sum(kinds.values()) == len(inst) and n_attr > 0
 
 
+def test_closed_world_format_samples_answer_with_an_option(small):
+    """Under the closed-world prompt the base model's format samples answer with one of the listed options (the
+    web's genus / super-category names only answer open prompts), as an Instruct model picks a choice."""
+    samples = json.loads((small / "pretrain.json").read_text())
+    closed = [s for s in samples if "based on the options provided in" in s["messages"][0]["content"]]
+    assert closed
+    for s in closed:
+        opts = re.findall(r"'([^']+)'", s["messages"][0]["content"].split("based on the options provided in")[1])
+        answer = re.search(r"<answer>(.+)</answer>", s["messages"][1]["content"]).group(1)
+        assert len(opts) == 4 and answer in opts, s
+
+
+def test_describe_comparison_recalls_every_candidate(tmp_path):
+    """--comparison describe: the rationale's comparison gives each candidate's whole description (knowledge),
+    and the field-guide knowledge texts use the same form."""
+    w = world.generate(tmp_path / "w", seed=3, **dict(SMALL, comparison="describe"))
+    meta = json.loads((w / "world.json").read_text())
+    classes = classes_of(meta)
+    for s in json.loads((w / "cot_sft.json").read_text()):
+        think = s["messages"][2]["content"]
+        cands = re.search(r"Candidates: (.+?)\. Comparison", think).group(1).split(", ")
+        for n in cands:
+            assert f"{n} has {world.description(classes[n])}" in think, (n, think)
+    guides = [s for s in json.loads((w / "pretrain.json").read_text()) if "Comparison:" in s["messages"][1]["content"]]
+    assert guides and all(" matches" not in s["messages"][1]["content"] for s in guides)
+
+
 def test_pretraining_pool_4shot_and_test_images_are_disjoint(small, meta):
     """Pretraining, 4-shot training and test images are three disjoint sets of files, and of pixels."""
     samples = json.loads((small / "pretrain.json").read_text())
