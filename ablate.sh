@@ -70,6 +70,40 @@ for v in variants:
 lines += ["", "| claim | holds on the mean | seeds where it holds, per column |", "|---|---|---|"]
 for k, (ok, n) in claims.items():
     lines.append(f"| {k} | {'yes' if ok else 'NO'} | {' / '.join(f'{x}/{len(seeds)}' for x in n)} |")
+# TAPO learns? first vs last quarter of each run's steps (metrics.jsonl), as the issue asks
+def quarter(rows, key):
+    k = max(1, len(rows) // 4)
+    return statistics.mean(r[key] for r in rows[:k]), statistics.mean(r[key] for r in rows[-k:])
+lines += ["", "TAPO runs, first -> last quarter of the steps:", "",
+          "| run | reward | sampled acc | format | kept_frac mean (min) | retries mean (max) | response tokens |",
+          "|---|---|---|---|---|---|---|"]
+for m in ["tapo"] + variants:
+    for s in seeds:
+        d = "tapo" if m == "tapo" else f"ablate/{m}"
+        rows = [json.loads(l) for l in open(f"out/seeds/seed{s}/{d}/metrics.jsonl")]
+        q = {k: quarter(rows, k) for k in ("reward", "acc", "format", "len")}
+        kf, rt = [r["kept_frac"] for r in rows], [r["retries"] for r in rows]
+        lines.append(f"| {m} seed {s} | " + " | ".join("%.3f -> %.3f" % q[k] for k in ("reward", "acc", "format"))
+                     + f" | {statistics.mean(kf):.2f} ({min(kf):.2f}) | {statistics.mean(rt):.1f} ({max(rt)}) | "
+                     + "%.0f -> %.0f |" % q["len"])
+# where unseen answers go, and whether the CoT models write the rationale (closed world, greedy)
+lines += ["", "Closed-world answers per model, summed over seeds: rationale written (of all), unseen answers that "
+          "name a seen class (of unseen):", "", "| model | rationale written | unseen -> a seen class |", "|---|---|---|"]
+for m, name in models:
+    n_all = n_cot = n_un = n_to_seen = 0
+    for s in seeds:
+        w = json.load(open(f"out/seeds/seed{s}/world/world.json"))
+        seen_names = {n.lower() for d in w["domains"].values() for n in d["seen"]}
+        for line in open(f"out/seeds/seed{s}/eval/{m}/items.jsonl"):
+            r = json.loads(line)
+            if r["mode"] != "closed":
+                continue
+            n_all += 1
+            n_cot += "Candidates:" in r["output"]
+            if r["split"] == "unseen":
+                n_un += 1
+                n_to_seen += any(n in (r["answer"] or "").lower() for n in seen_names)
+    lines.append(f"| {name} | {n_cot} / {n_all} | {n_to_seen} / {n_un} |")
 text = "\n".join(lines) + "\n"
 print(text)
 open("out/claims.md", "w").write(text)

@@ -28,12 +28,13 @@ W=$OUT/world
 stage world      $W/world.json           python world.py --out $W --seed "$SEED"
 stage base       $OUT/base/final         $RUN sft.py --defaults world --variant pretrain --model tiny --data $W --out $OUT/base --seed "$SEED" \
                                            --epochs ${BASE_EPOCHS:-5}
-# CoT SFT and its answer-only baseline: the same images, prompts, steps and lr, each with a replay of the
-# pretraining corpus (README, deviations: the tiny model otherwise forgets what the base knew)
+# CoT SFT and its answer-only baseline: the same images, prompts, steps and lr, each with a replay of half of
+# replay.json, the pretraining corpus minus its prompt-format samples (README, deviations: the tiny model
+# otherwise forgets what the base knew; the base's short answers would compete with the rationale)
 SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --max-steps ${SFT_STEPS:-150} --warmup-steps 10"
-stage sft_cot    $OUT/sft_cot/final      $RUN sft.py --model $OUT/base/final --data $W/cot_sft.json:4,$W/pretrain.json:${REPLAY:-0.3} \
+stage sft_cot    $OUT/sft_cot/final      $RUN sft.py --model $OUT/base/final --data $W/cot_sft.json:4,$W/replay.json:${REPLAY:-0.5} \
                                            $SFT_FLAGS --out $OUT/sft_cot --seed "$SEED"
-stage sft_nocot  $OUT/sft_nocot/final    $RUN sft.py --model $OUT/base/final --data $W/sft_nocot.json:4,$W/pretrain.json:${REPLAY:-0.3} \
+stage sft_nocot  $OUT/sft_nocot/final    $RUN sft.py --model $OUT/base/final --data $W/sft_nocot.json:4,$W/replay.json:${REPLAY:-0.5} \
                                            $SFT_FLAGS --variant nocot --out $OUT/sft_nocot --seed "$SEED"
 TAPO_FLAGS=${TAPO_FLAGS:-"--defaults world"}
 stage tapo       $OUT/tapo/final         $RUN tapo.py --model $OUT/sft_cot/final --data $W --out $OUT/tapo --seed "$SEED" $TAPO_FLAGS

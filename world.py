@@ -33,7 +33,8 @@ texts in both directions and field-guide quizzes under the later stages' prompts
 pretraining images (a pool disjoint from the 4-shot and test images), half of them named the web's way
 (`web_name`: a share names a look-alike, the genus or the super-category); and one instruction sample per
 image under the RL / open / closed prompts in <think>..</think><answer>..</answer> form (attribute questions
-that name no class, and a share `instruct_name_frac` of class questions answered with the noisy web name:
+that name no class, and a share `instruct_name_frac` of class questions answered with the noisy web name,
+under the closed-world prompt always one of the options:
 a 0.7M model did not bridge attribute-only instruction tuning to class questions). Only a share
 `pattern_frac` of the texts about an image mention its pattern, a perception weakness shared by all classes.
 Like the paper (section 4),
@@ -46,6 +47,7 @@ Files (all paths inside them relative to the world folder, which is the image ro
 ---------------------------------------------------------------------------------
     world.json                 metadata: seed, sizes, palette, per domain the attributes, classes, split
     pretrain.json              base-model corpus (Stage-1 JSON): knowledge texts, captions, attribute VQA
+    replay.json                the part of pretrain.json that SFT replays: all but the prompt-format samples
     cot_sft.json               Stage-1 CoT SFT: one sample per seen class, release system prompt + rationale
     sft_nocot.json             same images/questions, assistant = "<answer>LABEL</answer>" ("SFT w/o CoT")
     rl_train.jsonl             Stage-2 TAPO rows: images, problem, answer, image_noisy (pos), image_aug (neg)
@@ -734,12 +736,17 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
     random.Random(f"{seed}/shuffle").shuffle(pretrain)
     random.Random(f"{seed}/shuffle-rl").shuffle(rl)
     _dump_json(out / "pretrain.json", pretrain)
+    # the share of the corpus that the fine-tuning stages replay: everything except the base model's own answers
+    # in the stages' prompt formats (the short "<think> The bird has ... </think>" form), which would compete with
+    # the CoT rationale under the very same prompts (measured: CoT SFT then wrote 5 rationales in 768 answers)
+    replay = [s for s in pretrain if "<think>" not in s["messages"][-1]["content"]]
+    _dump_json(out / "replay.json", replay)
     _dump_json(out / "cot_sft.json", cot)
     _dump_json(out / "sft_nocot.json", nocot)
     _dump_jsonl(out / "rl_train.jsonl", rl)
     for name, rows in evals.items():
         _dump_jsonl(out / name, rows)
-    meta["files"] = {"pretrain.json": len(pretrain), "cot_sft.json": len(cot), "sft_nocot.json": len(nocot),
+    meta["files"] = {"pretrain.json": len(pretrain), "replay.json": len(replay), "cot_sft.json": len(cot), "sft_nocot.json": len(nocot),
                      "rl_train.jsonl": len(rl), **{k: len(v) for k, v in evals.items()}, "images": len(jobs)}
     _dump_json(out / "world.json", meta)
     if verbose:

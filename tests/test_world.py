@@ -240,6 +240,15 @@ def test_describe_comparison_recalls_every_candidate(tmp_path):
     assert guides and all(" matches" not in s["messages"][1]["content"] for s in guides)
 
 
+def test_replay_is_the_corpus_without_its_prompt_format_samples(small):
+    """replay.json (what SFT replays) is pretrain.json in order minus every sample answered in the stages'
+    <think>/<answer> format, so that the base model's short answers do not compete with the CoT rationale."""
+    corpus = json.loads((small / "pretrain.json").read_text())
+    replay = json.loads((small / "replay.json").read_text())
+    fmt = [s for s in corpus if "<answer>" in s["messages"][-1]["content"]]
+    assert fmt and replay == [s for s in corpus if s not in fmt]
+
+
 def test_pretraining_pool_4shot_and_test_images_are_disjoint(small, meta):
     """Pretraining, 4-shot training and test images are three disjoint sets of files, and of pixels."""
     samples = json.loads((small / "pretrain.json").read_text())
