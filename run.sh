@@ -5,6 +5,7 @@
 #   bash run.sh                          # seed 0 into out/
 #   SEED=1 OUT=out/seeds/seed1 bash run.sh   # another seed (world split, base, SFT and TAPO together)
 #   NPROC=2 bash run.sh                  # every training stage under torchrun with 2 processes
+#   PRESET=small OUT=out/small bash run.sh   # the 3.5M-parameter preset (presets.py) instead of the 0.7M one
 # The world's hyper-parameters are the explicit flags below (README, "The embedded world").
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,7 +27,7 @@ mkdir -p "$OUT"
 W=$OUT/world
 
 stage world      $W/world.json           python world.py --out $W --seed "$SEED"
-stage base       $OUT/base/final         $RUN sft.py --defaults world --variant pretrain --model tiny --data $W --out $OUT/base --seed "$SEED" \
+stage base       $OUT/base/final         $RUN sft.py --defaults world --variant pretrain --model ${PRESET:-tiny} --data $W --out $OUT/base --seed "$SEED" \
                                            --epochs ${BASE_EPOCHS:-5}
 # CoT SFT and its answer-only baseline: the same images, prompts, steps and lr, each with a replay of half of
 # replay.json, the pretraining corpus minus its prompt-format samples (README, deviations: the tiny model
