@@ -609,7 +609,8 @@ def _dump_jsonl(path, rows):
 
 def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, captions=20, vqa=0,
              knowledge_repeats=3, seen_frac=0.6, name_frac=0.5, name_noise=(0.1, 0.05, 0.05), pattern_frac=0.3,
-             instruct_per_image=1, instruct_name_frac=0.7, quizzes=8, comparison="difference", domains=tuple(DOMAINS),
+             instruct_per_image=1, instruct_name_frac=0.7, quizzes=8, comparison="difference", closed_option_sets=1,
+             domains=tuple(DOMAINS),
              workers=2, verbose=False):
     """Write the world into `out_dir` (see the module docstring for the files) and return its Path."""
     t0 = time.time()
@@ -627,7 +628,8 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
                                     knowledge_repeats=knowledge_repeats, seen_frac=seen_frac,
                                     name_frac=name_frac, name_noise=list(name_noise), pattern_frac=pattern_frac,
                                     instruct_per_image=instruct_per_image, instruct_name_frac=instruct_name_frac,
-                                    quizzes=quizzes, comparison=comparison),
+                                    quizzes=quizzes, comparison=comparison,
+                                    closed_option_sets=closed_option_sets),
                       "image_size": SIZE, "colours": COLOURS, "patterns": list(PATTERNS), "domains": {}}
     pretrain, cot, nocot, rl = [], [], [], []
     evals = {}
@@ -696,10 +698,18 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
             # wordings the way Qwen2.5-VL-Instruct does (README, "The embedded world")
             prompts = [rl_prompt("<image> " + meta["domains"][d]["question"]), open_prompt(q),
                        closed_prompt(q, [o.name for o in cands])]
-            for p in prompts:
+            cand_lists = [cands] * len(prompts)
+            # more closed-world questions on the same image, each with other seen distractors in another order,
+            # the rationale's candidates = the options as listed: the candidate step can only be learnt as a copy
+            for _ in range(closed_option_sets - 1):
+                opts = [c] + rng.sample([o for o in seen if o.name != c.name], min(3, len(seen) - 1))
+                rng.shuffle(opts)
+                prompts.append(closed_prompt(rng.choice(EVAL_QUESTIONS).format(noun=dom.noun), [o.name for o in opts]))
+                cand_lists.append(opts)
+            for p, cl in zip(prompts, cand_lists):
                 user = {"role": "user", "content": "<image>" + p}
                 cot.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT_R1}, user,
-                                         {"role": "assistant", "content": rationale(c, cands, comparison)}],
+                                         {"role": "assistant", "content": rationale(c, cl, comparison)}],
                             "images": [train[c.name][0]]})
                 nocot.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT_R1}, user,
                                            {"role": "assistant", "content": f"<answer>{c.name}</answer>"}],
@@ -809,6 +819,9 @@ def main():
     p.add_argument("--comparison", choices=("difference", "describe"), default="difference",
                    help="the rationale's comparison step: each candidate's differences from the class, or each "
                         "candidate's whole description recalled from knowledge")
+    p.add_argument("--closed-option-sets", type=int, default=1,
+                   help="closed-world SFT questions per seen class; beyond the first, each lists other random seen "
+                        "classes as options and the rationale's candidates copy them")
     p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), help="domains")
     p.add_argument("--workers", type=int, default=2, help="processes for image rendering (0 or 1: in-process)")
     args = p.parse_args()
@@ -818,6 +831,7 @@ def main():
                    name_noise=tuple(args.name_noise), pattern_frac=args.pattern_frac,
                    instruct_per_image=args.instruct_per_image, instruct_name_frac=args.instruct_name_frac,
                    quizzes=args.quizzes, comparison=args.comparison,
+                   closed_option_sets=args.closed_option_sets,
                    domains=tuple(args.domains), workers=args.workers, verbose=True)
     if args.preview:
         for path in preview(out):

@@ -249,6 +249,24 @@ def test_replay_is_the_corpus_without_its_prompt_format_samples(small):
     assert fmt and replay == [s for s in corpus if s not in fmt]
 
 
+def test_closed_option_sets_make_the_candidates_a_copy_of_the_options(tmp_path):
+    """--closed-option-sets K: K closed-world CoT samples per seen class, options = the class and other SEEN
+    classes, and the rationale's candidates are exactly the options in the order listed."""
+    w = world.generate(tmp_path / "w", seed=3, **dict(SMALL, closed_option_sets=4))
+    meta = json.loads((w / "world.json").read_text())
+    seen = {n for info in meta["domains"].values() for n in info["seen"]}
+    closed = [s for s in json.loads((w / "cot_sft.json").read_text())
+              if "based on the options provided in" in s["messages"][1]["content"]]
+    assert len(closed) == 4 * len(seen)
+    lists = set()
+    for s in closed:
+        opts = re.findall(r"'([^']+)'", s["messages"][1]["content"].split("based on the options provided in")[1])
+        cands = re.search(r"Candidates: (.+?)\. Comparison", s["messages"][2]["content"]).group(1).split(", ")
+        assert cands == opts and set(opts) <= seen and class_of_path(meta, s["images"][0]) in opts
+        lists.add(tuple(opts))
+    assert len(lists) > len(seen)  # the option lists vary within a class
+
+
 def test_pretraining_pool_4shot_and_test_images_are_disjoint(small, meta):
     """Pretraining, 4-shot training and test images are three disjoint sets of files, and of pixels."""
     samples = json.loads((small / "pretrain.json").read_text())
