@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The paper's claims over seeds on the embedded world: for each seed (world split, base, SFT and TAPO together)
-# the main job (run.sh into out/seeds/seedS), then the TAPO ablations from that seed's CoT-SFT checkpoint, each
+# the main job (run.sh into $ROOT/seedS, default out/seeds), then the TAPO ablations from that seed's CoT-SFT checkpoint, each
 # evaluated closed- and open-world; then mean ± std over seeds of every model and the four claims, checked
-# (out/claims.md, out/claims.json; appended to out/results.md). About 20 minutes per seed on 2 idle cores.
+# ($ROOT/claims.md, $ROOT/claims.json; appended to out/results.md). About 20 minutes per seed on 2 idle cores.
 #   bash ablate.sh                                   # seeds 0 1 2, ablations no_intra no_inter
 #   SEEDS="3 4" VARIANTS="no_intra no_inter dapo" bash ablate.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
-VARIANTS=${VARIANTS:-"no_intra no_inter"}
+VARIANTS=${VARIANTS-"no_intra no_inter"}
+ROOT=${ROOT:-out/seeds}  # one folder per seed: $ROOT/seedS
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 declare -A FLAGS=(
   [no_intra]="--no-intra"                    # 10:0, all rollouts on the anchor
@@ -17,8 +18,8 @@ declare -A FLAGS=(
   [cond_anchor]="--intra-condition anchor"   # paper's conditioning of positive rollouts (Δ1)
   [reward_official]="--reward official"      # the release's substring reward (Δ10)
 )
-one_seed() {  # the main job and the ablations of seed $1, into out/seeds/seed$1
-  local s=$1 O=out/seeds/seed$1
+one_seed() {  # the main job and the ablations of seed $1, into $ROOT/seed$1
+  local s=$1 O=$ROOT/seed$1
   SEED=$s OUT=$O bash run.sh
   for v in $VARIANTS; do
     [ -e "$O/ablate/$v/final" ] || { t=$(date +%s)
@@ -27,16 +28,16 @@ one_seed() {  # the main job and the ablations of seed $1, into out/seeds/seed$1
     [ -e "$O/eval/$v/summary.json" ] || python eval.py --defaults world --model $O/ablate/$v/final --data $O/world --out $O/eval/$v --tag "$v"
   done
 }
-mkdir -p out/seeds
-if [ "${PARALLEL:-0}" = 1 ]; then  # one process per seed at once (logs in out/seeds/seedS.log)
-  for s in $SEEDS; do one_seed $s > out/seeds/seed$s.log 2>&1 & done
+mkdir -p $ROOT
+if [ "${PARALLEL:-0}" = 1 ]; then  # one process per seed at once (logs in $ROOT/seedS.log)
+  for s in $SEEDS; do one_seed $s > $ROOT/seed$s.log 2>&1 & done
   wait
 else
   for s in $SEEDS; do one_seed $s; done
 fi
-SEEDS="$SEEDS" VARIANTS="$VARIANTS" python - <<'PY'
+SEEDS="$SEEDS" VARIANTS="$VARIANTS" ROOT="$ROOT" python - <<'PY'
 import json, os, statistics
-seeds, variants = os.environ["SEEDS"].split(), os.environ["VARIANTS"].split()
+seeds, variants, root = os.environ["SEEDS"].split(), os.environ["VARIANTS"].split(), os.environ["ROOT"]
 models = [("base", "Base"), ("sft_nocot", "SFT w/o CoT"), ("sft_cot", "CoT SFT"), ("tapo", "CoT SFT + TAPO")] + \
          [(v, f"TAPO {v.replace('_', ' ')}") for v in variants]
 cols = [("closed", "seen", "acc"), ("closed", "unseen", "acc"), ("open", "seen", "ti"), ("open", "unseen", "ti"),
@@ -44,7 +45,7 @@ cols = [("closed", "seen", "acc"), ("closed", "unseen", "acc"), ("open", "seen",
 per = {m: {c: [] for c in cols} for m, _ in models}
 for s in seeds:
     for m, _ in models:
-        summ = json.load(open(f"out/seeds/seed{s}/eval/{m}/summary.json"))
+        summ = json.load(open(f"{root}/seed{s}/eval/{m}/summary.json"))
         for c in cols:
             per[m][c].append(summ[c[0]][c[1]]["avg"][c[2]])
 ms = lambda x: (statistics.mean(x), statistics.stdev(x) if len(x) > 1 else 0.0)
@@ -80,7 +81,7 @@ lines += ["", "TAPO runs, first -> last quarter of the steps:", "",
 for m in ["tapo"] + variants:
     for s in seeds:
         d = "tapo" if m == "tapo" else f"ablate/{m}"
-        rows = [json.loads(l) for l in open(f"out/seeds/seed{s}/{d}/metrics.jsonl")]
+        rows = [json.loads(l) for l in open(f"{root}/seed{s}/{d}/metrics.jsonl")]
         q = {k: quarter(rows, k) for k in ("reward", "acc", "format", "len")}
         kf, rt = [r["kept_frac"] for r in rows], [r["retries"] for r in rows]
         lines.append(f"| {m} seed {s} | " + " | ".join("%.3f -> %.3f" % q[k] for k in ("reward", "acc", "format"))
@@ -92,9 +93,9 @@ lines += ["", "Closed-world answers per model, summed over seeds: rationale writ
 for m, name in models:
     n_all = n_cot = n_un = n_to_seen = 0
     for s in seeds:
-        w = json.load(open(f"out/seeds/seed{s}/world/world.json"))
+        w = json.load(open(f"{root}/seed{s}/world/world.json"))
         seen_names = {n.lower() for d in w["domains"].values() for n in d["seen"]}
-        for line in open(f"out/seeds/seed{s}/eval/{m}/items.jsonl"):
+        for line in open(f"{root}/seed{s}/eval/{m}/items.jsonl"):
             r = json.loads(line)
             if r["mode"] != "closed":
                 continue
@@ -106,9 +107,9 @@ for m, name in models:
     lines.append(f"| {name} | {n_cot} / {n_all} | {n_to_seen} / {n_un} |")
 text = "\n".join(lines) + "\n"
 print(text)
-open("out/claims.md", "w").write(text)
+open(f"{root}/claims.md", "w").write(text)
 json.dump({"seeds": seeds, "per_seed": {m: {"/".join(c): v for c, v in d.items()} for m, d in per.items()},
-           "claims": {k: {"holds": ok, "seeds": n} for k, (ok, n) in claims.items()}}, open("out/claims.json", "w"), indent=1)
+           "claims": {k: {"holds": ok, "seeds": n} for k, (ok, n) in claims.items()}}, open(f"{root}/claims.json", "w"), indent=1)
 if os.path.exists("out/results.md"):
     open("out/results.md", "a").write("\n" + text)
 PY

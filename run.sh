@@ -6,6 +6,8 @@
 #   SEED=1 OUT=out/seeds/seed1 bash run.sh   # another seed (world split, base, SFT and TAPO together)
 #   NPROC=2 bash run.sh                  # every training stage under torchrun with 2 processes
 #   PRESET=small OUT=out/small bash run.sh   # the 3.5M-parameter preset (presets.py) instead of the 0.7M one
+#   WORLD_FLAGS="--closed-option-sets 6 --comparison describe" SFT_STEPS=600 OUT=out/r2 bash run.sh
+#                                        # the longer CoT-SFT recipe (README, "Results")
 # The world's hyper-parameters are the explicit flags below (README, "The embedded world").
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,7 +28,7 @@ stage() {  # stage NAME DONE_PATH CMD...: run CMD unless DONE_PATH exists; time 
 mkdir -p "$OUT"
 W=$OUT/world
 
-stage world      $W/world.json           python world.py --out $W --seed "$SEED"
+stage world      $W/world.json           python world.py --out $W --seed "$SEED" ${WORLD_FLAGS:-}
 stage base       $OUT/base/final         $RUN sft.py --defaults world --variant pretrain --model ${PRESET:-tiny} --data $W --out $OUT/base --seed "$SEED" \
                                            --epochs ${BASE_EPOCHS:-5}
 # CoT SFT and its answer-only baseline: the same images, prompts, steps and lr, each with a replay of half of
