@@ -34,8 +34,8 @@ pretraining images (a pool disjoint from the 4-shot and test images), half of th
 (`web_name`: a share names a look-alike, the genus or the super-category); and one instruction sample per
 image under the RL / open / closed prompts in <think>..</think><answer>..</answer> form (attribute questions
 that name no class, and a share `instruct_name_frac` of class questions answered with the noisy web name,
-under the closed-world prompt always one of the options:
-a 0.7M model did not bridge attribute-only instruction tuning to class questions). Only a share
+under the closed-world prompt always one of the options; a 0.7M model did not bridge attribute-only
+instruction tuning to class questions). Only a share
 `pattern_frac` of the texts about an image mention its pattern, a perception weakness shared by all classes.
 Like the paper (section 4),
 a seeded 60% of each domain's classes are seen and 40% unseen; CoT SFT gets one rationale per seen class,
@@ -48,7 +48,8 @@ Files (all paths inside them relative to the world folder, which is the image ro
     world.json                 metadata: seed, sizes, palette, per domain the attributes, classes, split
     pretrain.json              base-model corpus (Stage-1 JSON): knowledge texts, captions, attribute VQA
     replay.json                the part of pretrain.json that SFT replays: all but the prompt-format samples
-    cot_sft.json               Stage-1 CoT SFT: one sample per seen class, release system prompt + rationale
+    cot_sft.json               Stage-1 CoT SFT: one image per seen class asked under the RL / open / closed prompts
+                               (+ closed_option_sets - 1 more closed questions), release system prompt + rationale
     sft_nocot.json             same images/questions, assistant = "<answer>LABEL</answer>" ("SFT w/o CoT")
     rl_train.jsonl             Stage-2 TAPO rows: images, problem, answer, image_noisy (pos), image_aug (neg)
     {domain}_{seen,unseen}.jsonl  eval: image_path, question, options (gt first, as released), ground_truth
@@ -610,14 +611,15 @@ def _dump_jsonl(path, rows):
 def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, captions=20, vqa=0,
              knowledge_repeats=3, seen_frac=0.6, name_frac=0.5, name_noise=(0.1, 0.05, 0.05), pattern_frac=0.3,
              instruct_per_image=1, instruct_name_frac=0.7, quizzes=8, comparison="difference", closed_option_sets=1,
-             domains=tuple(DOMAINS),
-             workers=2, verbose=False):
+             domains=tuple(DOMAINS), workers=2, verbose=False):
     """Write the world into `out_dir` (see the module docstring for the files) and return its Path."""
     t0 = time.time()
     out = Path(out_dir)
     assert shots >= 2, "shots must be >= 2: a triplet's positive is another training image of the class"
     assert 4 <= classes_per_domain <= 64, "classes_per_domain must be in 4..64 (4 options per eval line)"
     assert all(d in DOMAINS for d in domains), f"unknown domain in {domains}: choose from {list(DOMAINS)}"
+    assert closed_option_sets >= 1, f"closed_option_sets must be >= 1, got {closed_option_sets}"
+    assert comparison in ("difference", "describe"), f"comparison must be difference or describe, got {comparison}"
     if (out / "world.json").exists() and (out / "images").is_dir():
         shutil.rmtree(out / "images")  # a previous world: stale images would survive otherwise
     out.mkdir(parents=True, exist_ok=True)
