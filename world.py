@@ -827,6 +827,8 @@ def main():
     p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), help="domains")
     p.add_argument("--workers", type=int, default=2, help="processes for image rendering (0 or 1: in-process)")
     args = p.parse_args()
+    if args.closed_option_sets < 1:
+        p.error(f"--closed-option-sets must be >= 1, got {args.closed_option_sets}")
     out = generate(args.out, seed=args.seed, classes_per_domain=args.classes_per_domain, shots=args.shots,
                    test_per_class=args.test_per_class, captions=args.captions, vqa=args.vqa,
                    knowledge_repeats=args.knowledge_repeats, seen_frac=args.seen_frac, name_frac=args.name_frac,
