@@ -6,8 +6,11 @@
 #   SEED=1 OUT=out/seeds/seed1 bash run.sh   # another seed (world split, base, SFT and TAPO together)
 #   NPROC=2 bash run.sh                  # every training stage under torchrun with 2 processes
 #   PRESET=small OUT=out/small bash run.sh   # the 3.5M-parameter preset (presets.py) instead of the 0.7M one
-#   WORLD_FLAGS="--closed-option-sets 6 --comparison describe" SFT_STEPS=600 OUT=out/r2 bash run.sh
-#                                        # the longer CoT-SFT recipe (README, "Results")
+#   WORLD_FLAGS="--quiz-cot 0 --quizzes 8 --comparison difference --closed-option-sets 1" SFT_STEPS=150 bash run.sh
+#                                        # the previous world and recipe (README, "Results", earlier recipes)
+# With one process per stage (NPROC=1, the default) independent stages share the two cores: the answer-only SFT
+# runs beside CoT SFT, and the first three evaluations beside TAPO, in the background (logs in $OUT/logs/);
+# SERIAL=1 runs everything in the foreground, one stage after the other. Results do not depend on it.
 # The world's hyper-parameters are the explicit flags below (README, "The embedded world").
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,6 +28,21 @@ stage() {  # stage NAME DONE_PATH CMD...: run CMD unless DONE_PATH exists; time 
   "$@"
   echo "== $name: $(( $(date +%s) - t )) s" | tee -a "$OUT/timings.txt"
 }
+PIDS=()
+# a failed or interrupted run leaves no background stage behind
+trap 'for p in "${PIDS[@]}"; do pkill -P "$p"; kill "$p"; done 2>/dev/null || true' EXIT
+beside() {  # beside NAME FUNC ARGS...: FUNC ARGS in the background (output in $OUT/logs/NAME.log) on the other core
+  local name=$1 log=$OUT/logs/$1.log; shift
+  if [ "$NPROC" -gt 1 ] || [ "${SERIAL:-0}" = 1 ]; then "$@"; return; fi
+  mkdir -p "$OUT/logs"; echo "== $name: in the background, log $log"
+  "$@" > "$log" 2>&1 &
+  PIDS+=($!)
+}
+join() {  # wait for the background stages; stop the run if one failed
+  local p
+  for p in "${PIDS[@]}"; do wait "$p" || { echo "== a background stage failed: see $OUT/logs/" >&2; exit 1; }; done
+  PIDS=()
+}
 mkdir -p "$OUT"
 W=$OUT/world
 
@@ -32,18 +50,27 @@ stage world      $W/world.json           python world.py --out $W --seed "$SEED"
 stage base       $OUT/base/final         $RUN sft.py --defaults world --variant pretrain --model ${PRESET:-tiny} --data $W --out $OUT/base --seed "$SEED" \
                                            --epochs ${BASE_EPOCHS:-5}
 # CoT SFT and its answer-only baseline: the same images, prompts, steps and lr, each with a replay of half of
-# replay.json, the pretraining corpus minus its prompt-format samples (README, deviations: the tiny model
+# replay.json, the pretraining corpus minus its short prompt-format samples (README, deviations: the tiny model
 # otherwise forgets what the base knew; the base's short answers would compete with the rationale)
-SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --max-steps ${SFT_STEPS:-150} --warmup-steps 10"
+SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --max-steps ${SFT_STEPS:-200} --warmup-steps 10"
+beside sft_nocot stage sft_nocot $OUT/sft_nocot/final $RUN sft.py --model $OUT/base/final \
+                                           --data $W/sft_nocot.json:4,$W/replay.json:${REPLAY:-0.5} \
+                                           $SFT_FLAGS --variant nocot --out $OUT/sft_nocot --seed "$SEED"
 stage sft_cot    $OUT/sft_cot/final      $RUN sft.py --model $OUT/base/final --data $W/cot_sft.json:4,$W/replay.json:${REPLAY:-0.5} \
                                            $SFT_FLAGS --out $OUT/sft_cot --seed "$SEED"
-stage sft_nocot  $OUT/sft_nocot/final    $RUN sft.py --model $OUT/base/final --data $W/sft_nocot.json:4,$W/replay.json:${REPLAY:-0.5} \
-                                           $SFT_FLAGS --variant nocot --out $OUT/sft_nocot --seed "$SEED"
+join
+evaluate() {  # evaluate MODEL...: closed- and open-world, seen and unseen, into $OUT/eval/MODEL
+  local m
+  for m in "$@"; do
+    stage "eval_$m" "$OUT/eval/$m/summary.json" $RUN eval.py --defaults world --model "$OUT/$m/final" --data $W \
+      --out "$OUT/eval/$m" --tag "$m"
+  done
+}
+beside evals evaluate base sft_nocot sft_cot
 TAPO_FLAGS=${TAPO_FLAGS:-"--defaults world"}
 stage tapo       $OUT/tapo/final         $RUN tapo.py --model $OUT/sft_cot/final --data $W --out $OUT/tapo --seed "$SEED" $TAPO_FLAGS
-for m in base sft_nocot sft_cot tapo; do
-  stage "eval_$m" "$OUT/eval/$m/summary.json" $RUN eval.py --defaults world --model "$OUT/$m/final" --data $W --out "$OUT/eval/$m" --tag "$m"
-done
+join
+evaluate tapo
 python eval.py --table $OUT/eval/base:"Base (pretrained)" $OUT/eval/sft_nocot:"SFT w/o CoT" \
   $OUT/eval/sft_cot:"CoT SFT" $OUT/eval/tapo:"CoT SFT + TAPO" --table-out $OUT/results
 echo "== total $(( $(date +%s) - T0 )) s (this invocation); stage times in $OUT/timings.txt"

@@ -56,11 +56,19 @@ Files (all paths inside them relative to the world folder, which is the image ro
     images/{train,test}/DOMAIN/CLASS_SLUG/N.png, images/pretrain/DOMAIN/N.png   (112x112 RGB)
 
 Rationales follow the paper's four parts, short enough for a tiny model to write token by token:
-    <think> Visual analysis: the bird has a red head, plain blue wings and a yellow body. Candidates: A, B, C,
-    Vesper Finch. Comparison: A has green wings; B has a white head; C has tipped wings; Vesper Finch matches.
-    Prediction: Vesper Finch. </think>\\n\\n<answer>Vesper Finch</answer>
-Candidates are the true class and its 3 nearest seen classes by attribute (Hamming) distance, in a seeded
-order. The triplet negative is an image of the nearest other seen class; the closed-world options are the
+    <think> Visual analysis: the bird has a red head, plain blue wings and a yellow body. Candidates: A, B,
+    Vesper Finch, C. Comparison: A has a red head, plain green wings and a yellow body; B has ...; Vesper Finch
+    has a red head, plain blue wings and a yellow body; C has ... Prediction: Vesper Finch. </think>\\n\\n<answer>
+    Vesper Finch</answer>
+The comparison recalls each candidate's description from the base model's knowledge (`--comparison describe`,
+default; `difference` lists only what differs, "A has green wings; ...; Vesper Finch matches"). Candidates are
+the true class and its 3 nearest seen classes by attribute (Hamming) distance, in a seeded order; under the
+closed-world prompt they are the options as listed, and `--closed-option-sets 6` (default) asks each seen
+class's image five more times under the closed prompt, with other random seen classes as options. The base
+model already reasons this way in words, about a description and for every class: `--quiz-cot 1` (default)
+answers the text-only field-guide quizzes with the same four-part rationale (the visual analysis being the
+described attributes; closed-world candidates = the options). What CoT SFT adds is doing it from an image.
+The triplet negative is an image of the nearest other seen class; the closed-world options are the
 ground truth and the 3 nearest classes of the whole domain (ties broken at random per line).
 
 Deviations / choices
@@ -415,11 +423,14 @@ def instruct(c, rng, pattern=True, classes=None, noise=None):
     return prompt, f"<think> {analysis(c, pattern)} </think>\n\n<answer>{value}</answer>"
 
 
-def quiz(c, classes, rng):
+def quiz(c, classes, rng, reasoned=False, comparison="difference"):
     """A field-guide question in words (no image) under one of the later stages' prompts: the description of
     class c -> its name, e.g. "Given the question: A bird has ... What kind of bird is it?, based on the options
     provided in [...]"
-    -> "<think> The bird has ... </think>\\n\\n<answer>Tessel Wren</answer>". Knowledge in the Instruct format."""
+    -> "<think> The bird has ... </think>\\n\\n<answer>Tessel Wren</answer>". Knowledge in the Instruct format.
+    reasoned=True: the think is the whole four-part text rationale (`rationale`), its candidates the options as
+    listed under the closed prompt (a copy) and c with its 3 nearest classes otherwise: an Instruct model
+    reasons about a description in words, for every class; what it lacks is doing so from an image."""
     dom = DOMAINS[c.domain]
     seen_as = f"{dom.article.capitalize()} {dom.noun} has {description(c)}."
     kind = rng.choice(("rl", "open", "closed"))
@@ -433,6 +444,12 @@ def quiz(c, classes, rng):
         opts = [c.name] + [o.name for o in nearest(c, classes, 3, rng)]
         rng.shuffle(opts)
         prompt = closed_prompt(q, opts)
+    if reasoned:
+        by_name = {o.name: o for o in classes}
+        cands = [by_name[o] for o in opts] if kind == "closed" else [c] + nearest(c, classes, 3, rng)
+        if kind != "closed":
+            rng.shuffle(cands)
+        return prompt, rationale(c, cands, comparison)
     return prompt, f"<think> {analysis(c)} </think>\n\n<answer>{c.name}</answer>"
 
 
@@ -610,8 +627,8 @@ def _dump_jsonl(path, rows):
 
 def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, captions=20, vqa=0,
              knowledge_repeats=3, seen_frac=0.6, name_frac=0.5, name_noise=(0.1, 0.05, 0.05), pattern_frac=0.3,
-             instruct_per_image=1, instruct_name_frac=0.7, quizzes=8, comparison="difference", closed_option_sets=1,
-             domains=tuple(DOMAINS), workers=2, verbose=False):
+             instruct_per_image=1, instruct_name_frac=0.7, quizzes=16, quiz_cot=1.0, comparison="describe",
+             closed_option_sets=6, domains=tuple(DOMAINS), workers=2, verbose=False):
     """Write the world into `out_dir` (see the module docstring for the files) and return its Path."""
     t0 = time.time()
     out = Path(out_dir)
@@ -619,6 +636,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
     assert 4 <= classes_per_domain <= 64, "classes_per_domain must be in 4..64 (4 options per eval line)"
     assert all(d in DOMAINS for d in domains), f"unknown domain in {domains}: choose from {list(DOMAINS)}"
     assert closed_option_sets >= 1, f"closed_option_sets must be >= 1, got {closed_option_sets}"
+    assert 0.0 <= quiz_cot <= 1.0, f"quiz_cot must be in [0, 1], got {quiz_cot}"
     assert comparison in ("difference", "describe"), f"comparison must be difference or describe, got {comparison}"
     if (out / "world.json").exists() and (out / "images").is_dir():
         shutil.rmtree(out / "images")  # a previous world: stale images would survive otherwise
@@ -631,7 +649,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
                                     name_frac=name_frac, name_noise=list(name_noise), pattern_frac=pattern_frac,
                                     instruct_per_image=instruct_per_image, instruct_name_frac=instruct_name_frac,
                                     quizzes=quizzes, comparison=comparison,
-                                    closed_option_sets=closed_option_sets),
+                                    closed_option_sets=closed_option_sets, quiz_cot=quiz_cot),
                       "image_size": SIZE, "colours": COLOURS, "patterns": list(PATTERNS), "domains": {}}
     pretrain, cot, nocot, rl = [], [], [], []
     evals = {}
@@ -662,7 +680,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
                     pretrain.append({"messages": [{"role": "user", "content": q},
                                                   {"role": "assistant", "content": a}], "images": []})
             for _ in range(quizzes):
-                q, a = quiz(c, classes, rng)
+                q, a = quiz(c, classes, rng, quiz_cot > 0 and rng.random() < quiz_cot, comparison)
                 pretrain.append({"messages": [{"role": "user", "content": q},
                                               {"role": "assistant", "content": a}], "images": []})
         # every pretraining image (its own pool: never a 4-shot or test image) gets one web-like caption, which
@@ -751,7 +769,9 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
     # the share of the corpus that the fine-tuning stages replay: everything except the base model's own answers
     # in the stages' prompt formats (the short "<think> The bird has ... </think>" form), which would compete with
     # the CoT rationale under the very same prompts (measured: CoT SFT then wrote 5 rationales in 768 answers)
-    replay = [s for s in pretrain if "<think>" not in s["messages"][-1]["content"]]
+    # (the text-only reasoned quizzes of `quiz_cot` are kept: they are in the rationale's own form)
+    replay = [s for s in pretrain if "<think>" not in s["messages"][-1]["content"]
+              or "Candidates:" in s["messages"][-1]["content"]]
     _dump_json(out / "replay.json", replay)
     _dump_json(out / "cot_sft.json", cot)
     _dump_json(out / "sft_nocot.json", nocot)
@@ -816,12 +836,15 @@ def main():
                    help="attribute questions per pretraining image under the RL / open / closed prompts (format)")
     p.add_argument("--instruct-name-frac", type=float, default=0.7,
                    help="share of those questions that ask the class (answered with the web's noisy name)")
-    p.add_argument("--quizzes", type=int, default=8, help="text-only field-guide questions per class under the "
+    p.add_argument("--quizzes", type=int, default=16, help="text-only field-guide questions per class under the "
                    "RL / open / closed prompts (description -> name, no image)")
-    p.add_argument("--comparison", choices=("difference", "describe"), default="difference",
+    p.add_argument("--quiz-cot", type=float, default=1.0,
+                   help="share of the quizzes answered with the whole four-part rationale in words (candidates = "
+                        "the options under the closed prompt): the base model reasons about descriptions, for every class")
+    p.add_argument("--comparison", choices=("difference", "describe"), default="describe",
                    help="the rationale's comparison step: each candidate's differences from the class, or each "
                         "candidate's whole description recalled from knowledge")
-    p.add_argument("--closed-option-sets", type=int, default=1,
+    p.add_argument("--closed-option-sets", type=int, default=6,
                    help="closed-world SFT questions per seen class; beyond the first, each lists other random seen "
                         "classes as options and the rationale's candidates copy them")
     p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), help="domains")
@@ -829,12 +852,14 @@ def main():
     args = p.parse_args()
     if args.closed_option_sets < 1:
         p.error(f"--closed-option-sets must be >= 1, got {args.closed_option_sets}")
+    if not 0.0 <= args.quiz_cot <= 1.0:
+        p.error(f"--quiz-cot must be in [0, 1], got {args.quiz_cot}")
     out = generate(args.out, seed=args.seed, classes_per_domain=args.classes_per_domain, shots=args.shots,
                    test_per_class=args.test_per_class, captions=args.captions, vqa=args.vqa,
                    knowledge_repeats=args.knowledge_repeats, seen_frac=args.seen_frac, name_frac=args.name_frac,
                    name_noise=tuple(args.name_noise), pattern_frac=args.pattern_frac,
                    instruct_per_image=args.instruct_per_image, instruct_name_frac=args.instruct_name_frac,
-                   quizzes=args.quizzes, comparison=args.comparison,
+                   quizzes=args.quizzes, quiz_cot=args.quiz_cot, comparison=args.comparison,
                    closed_option_sets=args.closed_option_sets,
                    domains=tuple(args.domains), workers=args.workers, verbose=True)
     if args.preview:

@@ -133,21 +133,27 @@ def test_eval_files_cover_seen_and_unseen_classes(small, meta):
 
 def test_cot_rationale_has_four_parts(small, meta):
     """Each CoT answer is '<think> Visual analysis ... Candidates (<=4 seen, incl. gt) ... Comparison ...
-    Prediction: LABEL. </think>\\n\\n<answer>LABEL</answer>' and matches the image's class."""
+    Prediction: LABEL. </think>\\n\\n<answer>LABEL</answer>' and matches the image's class; the comparison
+    recalls each candidate's description (the default `describe`), the label's equal to the visual analysis."""
     seen = {n for info in meta["domains"].values() for n in info["seen"]}
+    classes = classes_of(meta)
     pat = re.compile(r"<think> Visual analysis: the \w+ has (.+)\. Candidates: (.+)\. Comparison: (.+)\. "
                      r"Prediction: (.+)\. </think>\n\n<answer>(.+)</answer>")
     samples = json.loads((small / "cot_sft.json").read_text())
-    # one image and rationale per seen class, under the 3 prompts of the later stages (RL, open, closed)
-    assert len(samples) == 3 * len(seen) and len({s["images"][0] for s in samples}) == len(seen)
+    # one image per seen class, asked under the 3 prompts of the later stages (RL, open, closed) and under
+    # closed_option_sets - 1 more closed prompts
+    per_class = 3 + meta["sizes"]["closed_option_sets"] - 1
+    assert meta["sizes"]["comparison"] == "describe" and per_class > 3
+    assert len(samples) == per_class * len(seen) and len({s["images"][0] for s in samples}) == len(seen)
     for s in samples:
         m = pat.fullmatch(s["messages"][2]["content"])
         assert m, s["messages"][2]["content"]
         label = class_of_path(meta, s["images"][0])
         cands = m.group(2).split(", ")
         assert m.group(4) == m.group(5) == label and label in cands and len(cands) <= 4
-        assert set(cands) <= seen and f"{label} matches" in m.group(3)
-        assert m.group(1) == world.description(classes_of(meta)[label])
+        assert set(cands) <= seen
+        assert m.group(3).split("; ") == [f"{c} has {world.description(classes[c])}" for c in cands]
+        assert m.group(1) == world.description(classes[label])
 
 
 def test_sft_prompts_are_the_stages_prompts(small, meta):
@@ -242,10 +248,12 @@ def test_describe_comparison_recalls_every_candidate(tmp_path):
 
 def test_replay_is_the_corpus_without_its_prompt_format_samples(small):
     """replay.json (what SFT replays) is pretrain.json in order minus every sample answered in the stages'
-    <think>/<answer> format, so that the base model's short answers do not compete with the CoT rationale."""
+    short <think>/<answer> format, so that the base model's short answers do not compete with the CoT rationale
+    (the text-only quizzes answered with the whole rationale stay)."""
     corpus = json.loads((small / "pretrain.json").read_text())
     replay = json.loads((small / "replay.json").read_text())
-    fmt = [s for s in corpus if "<answer>" in s["messages"][-1]["content"]]
+    fmt = [s for s in corpus if "<answer>" in s["messages"][-1]["content"]
+           and "Candidates:" not in s["messages"][-1]["content"]]
     assert fmt and replay == [s for s in corpus if s not in fmt]
 
 
@@ -265,6 +273,29 @@ def test_closed_option_sets_make_the_candidates_a_copy_of_the_options(tmp_path):
         assert cands == opts and set(opts) <= seen and class_of_path(meta, s["images"][0]) in opts
         lists.add(tuple(opts))
     assert len(lists) > len(seen)  # the option lists vary within a class
+
+
+def test_reasoned_quizzes_write_the_rationale_in_words_for_every_class(tmp_path):
+    """--quiz-cot 1: every text-only quiz is answered with the four-part rationale, for seen AND unseen classes;
+    under the closed prompt its candidates are the options as listed; replay.json keeps these quizzes."""
+    w = world.generate(tmp_path / "w", seed=3, **dict(SMALL, quiz_cot=1.0, comparison="describe"))
+    meta = json.loads((w / "world.json").read_text())
+    corpus = json.loads((w / "pretrain.json").read_text())
+    quizzes = [s for s in corpus if not s["images"] and "<answer>" in s["messages"][-1]["content"]]
+    assert quizzes and all("Candidates:" in s["messages"][-1]["content"] for s in quizzes)
+    answered = {re.search(r"<answer>(.+)</answer>", s["messages"][-1]["content"]).group(1) for s in quizzes}
+    assert answered == set(classes_of(meta))  # every class, unseen included (pretraining, not fine-tuning)
+    closed = [s for s in quizzes if "based on the options provided in" in s["messages"][0]["content"]]
+    assert closed
+    for s in closed:
+        opts = re.findall(r"'([^']+)'", s["messages"][0]["content"].split("based on the options provided in")[1])
+        cands = re.search(r"Candidates: (.+?)\. Comparison", s["messages"][-1]["content"]).group(1).split(", ")
+        assert cands == opts
+    replay = json.loads((w / "replay.json").read_text())
+    assert all(q in replay for q in quizzes)
+    assert not [s for s in replay if "<think>" in s["messages"][-1]["content"] and s["images"]]
+    fine_tuning = "".join(f.read_text() for f in training_files(w))
+    assert not [n for d in meta["domains"].values() for n in d["unseen"] if n in fine_tuning]
 
 
 def test_pretraining_pool_4shot_and_test_images_are_disjoint(small, meta):
