@@ -47,7 +47,7 @@ Files (all paths inside them relative to the world folder, which is the image ro
 ---------------------------------------------------------------------------------
     world.json                 metadata: seed, sizes, palette, per domain the attributes, classes, split
     pretrain.json              base-model corpus (Stage-1 JSON): knowledge texts, captions, attribute VQA
-    replay.json                the part of pretrain.json that SFT replays: all but the prompt-format samples
+    replay.json                the part of pretrain.json that SFT replays: all but the short prompt-format answers
     cot_sft.json               Stage-1 CoT SFT: one image per seen class asked under the RL / open / closed prompts
                                (+ closed_option_sets - 1 more closed questions), release system prompt + rationale
     sft_nocot.json             same images/questions, assistant = "<answer>LABEL</answer>" ("SFT w/o CoT")
