@@ -34,7 +34,7 @@ instead (WORLD below, per --variant); it is the default only when neither --mode
 
 Deviations and choices:
  1. Δ13 the release froze the vision tower and projector (framework default) though the paper says "full
-    fine-tune": the default here is the paper's full fine-tune; `--freeze-vision` reproduces the release.
+    fine-tune": the default here is the paper's full fine-tune; `--freeze vision` reproduces the release.
  2. Δ14 the release's SFT used an R1 system prompt while its RL and eval used none. Default: no system prompt
     (data.py: SFT trains on the conversation the model later sees); `--system-prompt r1` = the release. The
     system message inside a Stage-1 file is not applied either way.
@@ -157,8 +157,11 @@ def get_args(argv=None):
     ap.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
                     help="data parallelism under torchrun (default: fsdp on CUDA, ddp on CPU)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward")
-    ap.add_argument("--freeze-vision", action="store_true", help="freeze the vision tower and projector "
-                    "(release, Δ13); default: full fine-tune (paper)")
+    ap.add_argument("--freeze", choices=["none", "vision", "language"], default="none",
+                    help="side of the model that stays as loaded: vision = the vision tower and projector (the "
+                    "release, Δ13); language = embeddings, decoder and lm_head, only the vision side learns "
+                    "(samples without an image are then dropped: nothing trainable sees them); none = full "
+                    "fine-tune (paper)")
     ap.add_argument("--no-bf16", action="store_true", help="fp32 compute on CUDA (default: bf16 autocast, fp32 "
                     "master weights; CPU always runs fp32)")
     ap.add_argument("--save-every", type=int, default=0, help="checkpoint step_N/ every N steps (0: final/ only)")
@@ -375,13 +378,17 @@ def main(argv=None):
     pixels = (args.min_pixels, args.max_pixels)  # the release's pre-resize, before the processor's own
     try:
         samples = load_mixture(args.data, args.variant, args.image_root, args.seed)
+        if args.freeze == "language":  # a text-only sample would reach no trainable parameter
+            n_all, samples = len(samples), [s for s in samples if s.image is not None]
+            dist.print(f"--freeze language: {n_all - len(samples)} of {n_all} samples have no image, dropped")
+            if not samples:
+                raise DataError(f"{args.data}: no sample has an image, and --freeze language trains only the "
+                                "vision side")
         prompt_lens, resp_ids, truncated = tokenize(samples, processor, system, args.max_length, pixels)
     except DataError as e:
         raise SystemExit(f"sft.py: bad data: {e}")
     keys = grouping_keys(prompt_lens, resp_ids)
-    if args.freeze_vision:  # Δ13: the vision tower and its merger (the projector) stay as loaded
-        for p in model.model.visual.parameters():
-            p.requires_grad_(False)
+    training.freeze(model, None if args.freeze == "none" else args.freeze)  # Δ13: vision = the release
     model, parallel = training.wrap_for_training(model, args.parallel, args.grad_checkpointing, dist)
     model.train()
     bf16 = dist.device.type == "cuda" and not args.no_bf16

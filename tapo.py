@@ -128,6 +128,9 @@ def get_args(argv=None):
     # System
     add("--parallel", choices=["none", "ddp", "fsdp"], help="data parallelism (default: fsdp on CUDA, ddp on CPU)")
     add("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    add("--freeze", choices=["none", "vision", "language"], default="none",
+        help="side of the model that stays as loaded: vision = the vision tower and projector; language = "
+        "embeddings, decoder and lm_head (only the vision side learns); none = the whole model (release and world)")
     add("--rollout-sharded", action="store_true", help="FSDP2: roll out on the sharded model (an all-gather per "
         "layer per decode step, ranks in lockstep) instead of gathering it once per phase; for models that do not "
         "fit gathered (README \"Rollout memory\")")
@@ -557,6 +560,7 @@ def main(argv=None):
     if args.resume and resume is None:
         dist.print(f"--resume: no checkpoint in {out} yet, starting fresh")
     model, processor = load_policy(resume or args.model, dtype=torch.float32)
+    training.freeze(model, None if args.freeze == "none" else args.freeze)
     model, parallel = training.wrap_for_training(model, args.parallel, args.grad_checkpointing, dist)
     ref = None
     if args.kl_ref > 0:  # Δ5: the frozen initial policy

@@ -1,6 +1,7 @@
 """Training plumbing shared by sft.py and tapo.py: resume, wrapping, optimizer groups, grad clipping, RNG, saves.
 
     resume = resume_path(args.resume, out)                 # --resume alone = newest checkpoint in --out
+    freeze(model, "vision")                                # optional: one side stays as loaded
     model, parallel = wrap_for_training(model, args.parallel, args.grad_checkpointing, dist)
     opt = build_optimizer(model, lr, weight_decay, betas, decay_1d=False)
     state = restore(resume, model, opt, dist)              # loop state dict (or None); RNG streams restored
@@ -39,6 +40,19 @@ def resume_path(resume, out):
 def default_parallel(dist):
     """FSDP2 on CUDA, DDP on CPU (gloo)."""
     return "fsdp" if dist.device.type == "cuda" else "ddp"
+
+
+def freeze(model, part):
+    """Stop training one side of the model: "vision" = the vision tower and its merger (the projector; the
+    release's SFT, Δ13), "language" = everything else (embeddings, decoder, lm_head): only the vision side
+    learns. None = train all. Returns the number of trainable parameters. Call before wrapping."""
+    if part not in (None, "vision", "language"):
+        raise ValueError(f"freeze: unknown part {part!r} (vision, language)")
+    for name, p in model.named_parameters():
+        visual = name.startswith("model.visual.")
+        if (part == "vision" and visual) or (part == "language" and not visual):
+            p.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def wrap_for_training(model, parallel, grad_checkpointing, dist):

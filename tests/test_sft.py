@@ -219,3 +219,32 @@ def test_pixel_budget_sets_the_prompt_length(stage1):
     full, _, _ = sft.tokenize(samples, processor, None, 4096)
     capped, _, _ = sft.tokenize(samples, processor, None, 4096, pixels=(None, 56 * 56))
     assert capped[0] < full[0]
+
+
+@pytest.mark.parametrize("part", ["vision", "language"])
+def test_freeze_stops_exactly_the_named_side(part):
+    """training.freeze(model, part): the vision tower + merger ("vision") or everything else ("language") stops
+    requiring gradients, and nothing on the other side does."""
+    import training
+    model, _ = load_policy("tiny", seed=0)
+    n = training.freeze(model, part)
+    for name, p in model.named_parameters():
+        visual = name.startswith("model.visual.")
+        assert p.requires_grad == (visual != (part == "vision")), name
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+def test_freeze_language_run_trains_only_the_vision_side(stage1, tmp_path):
+    """`sft.py --freeze language`: text-only samples are dropped (and counted), every language-side weight of the
+    final checkpoint equals the starting one bit for bit, and the vision side moved."""
+    start = tmp_path / "start"
+    model, processor = load_policy("tiny", seed=0)
+    model.save_pretrained(start)
+    processor.save_pretrained(start)
+    out = tmp_path / "run"
+    r = run(["sft.py", "--model", str(start), "--data", str(stage1), "--out", str(out), "--max-steps", "2",
+             "--lr", "1e-3", "--warmup-steps", "0", "--freeze", "language"])
+    assert "--freeze language: 2 of 8 samples have no image, dropped" in r.stdout
+    w0, w1 = load_file(start / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    moved = {k for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert moved and all(k.startswith(("visual.", "model.visual.")) for k in moved)  # saved names drop "model."

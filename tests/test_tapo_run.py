@@ -78,3 +78,20 @@ def test_batch_not_divisible_by_ranks_is_refused(tiny_world, tmp_path):
                         str(tmp_path / "x"), "--max-steps", "1"] + FAST[:4] + ["--rollout-batch", "3", "--update-batch",
                         "3"] + FAST[8:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "--rollout-batch 3 is not a multiple of the 2 ranks" in r.stdout + r.stderr
+
+
+def test_freeze_language_updates_only_the_vision_side(tiny_world, tmp_path):
+    """`tapo.py --freeze language`: after an update step every language-side weight equals the starting one bit
+    for bit and the vision side moved."""
+    from safetensors.torch import load_file
+    from policy import load_policy
+    start = tmp_path / "start"
+    model, processor = load_policy("tiny", seed=0)
+    model.save_pretrained(start)
+    processor.save_pretrained(start)
+    run(["tests/tapo_worker.py", "--data", str(tiny_world), "--out", str(tmp_path / "run"), "--max-steps", "1"]
+        + FAST + ["--model", str(start), "--freeze", "language"], env_extra={"FAKE_REWARD": "all-alternate"})
+    assert metrics(tmp_path / "run")[0]["updates"] > 0
+    w0, w1 = load_file(start / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
+    moved = {k for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert moved and all(k.startswith(("visual.", "model.visual.")) for k in moved)
