@@ -4,9 +4,11 @@
 # Each stage is one line; a stage whose output exists is skipped (delete $OUT/<stage> to redo it).
 #   bash run.sh                          # seed 0 into out/
 #   SEED=1 OUT=out/seeds/seed1 bash run.sh   # another seed (world split, base, SFT and TAPO together)
-#   NPROC=2 bash run.sh                  # every training stage under torchrun with 2 processes
+#   NPROC=2 bash run.sh                  # every stage under torchrun with 2 processes (the base model always
+#                                        # trains with BASE_NPROC, default max(NPROC, 2), processes)
 #   PRESET=small OUT=out/small bash run.sh   # the 3.5M-parameter preset (presets.py) instead of the 0.7M one
-#   WORLD_FLAGS="--quiz-cot 0 --quizzes 8 --comparison difference --closed-option-sets 1" SFT_STEPS=150 bash run.sh
+#   WORLD_FLAGS="--knowledge-repeats 3 --name-frac 0.5 --instruct-name-frac 0.7" SFT_EXTRA="--freeze none" \
+#   TAPO_FLAGS="--defaults world --lr 1e-4" BASE_NPROC=1 bash run.sh
 #                                        # the previous world and recipe (README, "Results", earlier recipes)
 # With one process per stage (NPROC=1, the default) independent stages share the two cores: the answer-only SFT
 # runs beside CoT SFT, and the first three evaluations beside TAPO, in the background (logs in $OUT/logs/);
@@ -19,7 +21,12 @@ SEED=${SEED:-0}
 OUT=${OUT:-out}
 # one thread per process unless told otherwise: on a shared 2-core CPU two threads per process ran ~10x slower
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-if [ "$NPROC" -gt 1 ]; then RUN="torchrun --nproc_per_node $NPROC"; else RUN="python"; fi
+# --standalone: a free port per job, so that seeds can run side by side (ablate.sh PARALLEL=1)
+if [ "$NPROC" -gt 1 ]; then RUN="torchrun --standalone --nproc_per_node $NPROC"; else RUN="python"; fi
+# The base model has no stage to share the machine with: it trains under DDP on both cores (BASE_NPROC=1: one
+# process; the two give the same model up to float summation order)
+BASE_NPROC=${BASE_NPROC:-$(( NPROC > 1 ? NPROC : 2 ))}
+if [ "$BASE_NPROC" -gt 1 ]; then RUN_BASE="torchrun --standalone --nproc_per_node $BASE_NPROC"; else RUN_BASE="python"; fi
 T0=$(date +%s)
 stage() {  # stage NAME DONE_PATH CMD...: run CMD unless DONE_PATH exists; time it
   local name=$1 done=$2; shift 2
@@ -47,12 +54,13 @@ mkdir -p "$OUT"
 W=$OUT/world
 
 stage world      $W/world.json           python world.py --out $W --seed "$SEED" ${WORLD_FLAGS:-}
-stage base       $OUT/base/final         $RUN sft.py --defaults world --variant pretrain --model ${PRESET:-tiny} --data $W --out $OUT/base --seed "$SEED" \
+stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --variant pretrain --model ${PRESET:-tiny} --data $W --out $OUT/base --seed "$SEED" \
                                            --epochs ${BASE_EPOCHS:-5}
 # CoT SFT and its answer-only baseline: the same images, prompts, steps and lr, each with a replay of half of
 # replay.json, the pretraining corpus minus its short prompt-format samples (README, deviations: the tiny model
 # otherwise forgets what the base knew; the base's short answers would compete with the rationale)
-SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --max-steps ${SFT_STEPS:-200} --warmup-steps 10"
+# (--defaults world freezes the vision tower and projector, as the release's SFT; SFT_EXTRA adds flags to both)
+SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --max-steps ${SFT_STEPS:-200} --warmup-steps 10 ${SFT_EXTRA:-}"
 beside sft_nocot stage sft_nocot $OUT/sft_nocot/final $RUN sft.py --model $OUT/base/final \
                                            --data $W/sft_nocot.json:4,$W/replay.json:${REPLAY:-0.5} \
                                            $SFT_FLAGS --variant nocot --out $OUT/sft_nocot --seed "$SEED"
