@@ -59,7 +59,7 @@ EMBEDDED_SFT = Path("out/sft_cot")  # the main job's CoT-SFT run: the default po
 # The embedded world's values (--defaults world), measured on a 2-core CPU with the tiny preset. The tiny policy
 # needs a larger lr than a 3B model; on the current world (seed 0) lr 1e-4 raised the training reward most
 # (0.574 -> 0.655) but cost 18 points of held-out unseen accuracy, 2e-5 raised it 0.580 -> 0.634 and cost 5.5
-# (README, "Tried").
+# (README, "Tried this time").
 # Its 112 x 112 images stay as they are (no pixel budget: the release's minimum would make them 448 x 448).
 WORLD = dict(max_new_tokens=160, rollout_batch=16, update_batch=8, micro_batch=16, max_steps=20, lr=2e-5,
              min_pixels=0, max_pixels=0)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import sft
+import training
 from checkpoint import load_trainer_state
 from conftest import random_image
 from policy import load_policy, rope_positions
@@ -225,7 +226,6 @@ def test_pixel_budget_sets_the_prompt_length(stage1):
 def test_freeze_stops_exactly_the_named_side(part):
     """training.freeze(model, part): the vision tower + merger ("vision") or everything else ("language") stops
     requiring gradients, and nothing on the other side does."""
-    import training
     model, _ = load_policy("tiny", seed=0)
     n = training.freeze(model, part)
     for name, p in model.named_parameters():

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--max-new-tokens", "12", "--rollout-batch", "2", "--update-batch", "1",
@@ -43,7 +46,6 @@ def test_resume_continues_exactly(tiny_world, tmp_path):
     run(common + ["--out", str(tmp_path / "b"), "--max-steps", "2", "--resume", "auto"],
         env_extra={"FAKE_REWARD": "all-alternate"})
     assert all(m["updates"] > 0 for m in metrics(tmp_path / "a"))
-    from safetensors.torch import load_file
     a = load_file(tmp_path / "a" / "final" / "model.safetensors")
     b = load_file(tmp_path / "b" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -83,8 +85,6 @@ def test_batch_not_divisible_by_ranks_is_refused(tiny_world, tmp_path):
 def test_freeze_language_updates_only_the_vision_side(tiny_world, tmp_path):
     """`tapo.py --freeze language`: after an update step every language-side weight equals the starting one bit
     for bit and the vision side moved."""
-    from safetensors.torch import load_file
-    from policy import load_policy
     start = tmp_path / "start"
     model, processor = load_policy("tiny", seed=0)
     model.save_pretrained(start)
