@@ -59,7 +59,8 @@ stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --var
 # CoT SFT and its answer-only baseline: the same images, prompts, steps and lr, each with a replay of half of
 # replay.json, the pretraining corpus minus its short prompt-format samples (README, deviations: the tiny model
 # otherwise forgets what the base knew; the base's short answers would compete with the rationale)
-# (--defaults world freezes the vision tower and projector, as the release's SFT; SFT_EXTRA adds flags to both)
+# (--defaults world freezes the vision tower and projector, as the release's SFT, and the token embeddings and the
+# decoder's MLPs, so that the language model keeps its knowledge of the unseen classes; SFT_EXTRA adds flags to both)
 SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --max-steps ${SFT_STEPS:-200} --warmup-steps 10 ${SFT_EXTRA:-}"
 beside sft_nocot stage sft_nocot $OUT/sft_nocot/final $RUN sft.py --model $OUT/base/final \
                                            --data $W/sft_nocot.json:4,$W/replay.json:${REPLAY:-0.5} \

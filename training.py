@@ -12,6 +12,8 @@ Both stages call these, so resume, the optimizer's parameter groups and clipping
 
 Layer: training -> checkpoint, report, distributed.
 """
+import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -42,17 +44,48 @@ def default_parallel(dist):
     return "fsdp" if dist.device.type == "cuda" else "ddp"
 
 
-def freeze(model, part):
-    """Stop training one side of the model: "vision" = the vision tower and its merger (the projector; the
-    release's SFT, Δ13), "language" = everything else (embeddings, decoder, lm_head): only the vision side
-    learns. None = train all. Returns the number of trainable parameters. Call before wrapping."""
-    if part not in (None, "vision", "language"):
-        raise ValueError(f"freeze: unknown part {part!r} (vision, language)")
+FREEZE_PARTS = {  # --freeze PART[,PART...]: the parameters that stay as loaded
+    "vision": "the vision tower and its merger (the projector; the release's SFT, Δ13)",
+    "language": "everything else: embeddings, decoder, lm_head (only the vision side learns)",
+    "embeddings": "the token embeddings and lm_head (one matrix when tied)",
+    "mlp": "the language decoder's MLPs (attention and norms still learn)",
+}
+
+
+def parse_freeze(spec):
+    """`--freeze` value -> a tuple of parts: "none" -> (), "vision,mlp" -> ("vision", "mlp"). argparse type."""
+    parts = tuple(p.strip() for p in str(spec).split(",") if p.strip())
+    if parts == ("none",):
+        return ()
+    bad = [p for p in parts if p not in FREEZE_PARTS]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"unknown part {', '.join(bad) or repr(spec)}: none, or a comma list of "
+                                         f"{', '.join(FREEZE_PARTS)}")
+    return parts
+
+
+def frozen_by(name, parts):
+    """Whether parameter `name` belongs to one of `parts` (FREEZE_PARTS)."""
+    visual = name.startswith("model.visual.")
+    return (("vision" in parts and visual) or ("language" in parts and not visual)
+            or ("embeddings" in parts and not visual and ("embed_tokens." in name or name.startswith("lm_head.")))
+            or ("mlp" in parts and not visual and ".mlp." in name))
+
+
+def freeze(model, parts):
+    """Stop training the named parts of the model (FREEZE_PARTS; a string is one comma list, None or () = train
+    all). Returns the number of trainable parameters left; raises ValueError when none is. Call before wrapping."""
+    parts = parse_freeze(parts) if isinstance(parts, str) else tuple(parts or ())
+    for p in parts:
+        if p not in FREEZE_PARTS:
+            raise ValueError(f"freeze: unknown part {p!r} ({', '.join(FREEZE_PARTS)})")
     for name, p in model.named_parameters():
-        visual = name.startswith("model.visual.")
-        if (part == "vision" and visual) or (part == "language" and not visual):
+        if frozen_by(name, parts):
             p.requires_grad_(False)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n == 0:
+        raise ValueError(f"freeze {','.join(parts)}: no trainable parameter left")
+    return n
 
 
 def wrap_for_training(model, parallel, grad_checkpointing, dist):
@@ -118,5 +151,5 @@ def restore(resume, model, optimizer, dist):
 
 def changed_settings(saved_args, args, ignore=("resume", "max_steps", "max_minutes", "model", "save_every", "out")):
     """{flag: (saved, now)} for settings that differ from the checkpoint's, to warn about on resume."""
-    now = vars(args)
+    now = json.loads(json.dumps(vars(args)))  # as saved: tuples (--freeze) come back as lists
     return {k: (v, now.get(k)) for k, v in saved_args.items() if k not in ignore and k in now and now[k] != v}

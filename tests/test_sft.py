@@ -1,4 +1,5 @@
 """sft.py: assistant-only loss, exact token normalisation over micro-batches and ranks, resume, CLI."""
+import argparse
 import json
 import os
 import subprocess
@@ -234,6 +235,42 @@ def test_freeze_stops_exactly_the_named_side(part):
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
 
+def test_freeze_vision_embeddings_mlp_leaves_only_the_decoders_attention_and_norms():
+    """`--freeze vision,embeddings,mlp` (the world's SFT): the trainable parameters are exactly the language
+    decoder's attention projections and norm weights; the vision tower's own MLPs are frozen with the tower."""
+    model, _ = load_policy("tiny", seed=0)
+    training.freeze(model, training.parse_freeze("vision,embeddings,mlp"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in model.named_parameters() if n.startswith("model.language_model.")
+                and (".self_attn." in n or "norm" in n)}
+    assert trainable == expected and expected
+
+
+def test_freeze_mlp_alone_leaves_the_vision_towers_mlps_training():
+    """"mlp" names the language decoder's MLPs only; "embeddings" the token embeddings (tied lm_head)."""
+    model, _ = load_policy("tiny", seed=0)
+    training.freeze(model, "mlp,embeddings")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith("model.language_model.")
+                      and (".mlp." in n or "embed_tokens" in n)}
+    assert any(".mlp." in n and n.startswith("model.visual.") for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("spec", ["bogus", "vision,bogus", ""])
+def test_freeze_flag_rejects_an_unknown_part(spec):
+    """`--freeze` names its parts; an unknown one is an argparse error naming it, not a silent full fine-tune."""
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown part"):
+        training.parse_freeze(spec)
+
+
+def test_freeze_everything_is_an_error():
+    """Freezing both sides leaves nothing to train: a clear error, not an optimizer over no parameter."""
+    model, _ = load_policy("tiny", seed=0)
+    assert training.parse_freeze("none") == ()
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        training.freeze(model, "vision,language")
+
+
 def test_freeze_language_run_trains_only_the_vision_side(stage1, tmp_path):
     """`sft.py --freeze language`: text-only samples are dropped (and counted), every language-side weight of the
     final checkpoint equals the starting one bit for bit, and the vision side moved."""
@@ -248,3 +285,13 @@ def test_freeze_language_run_trains_only_the_vision_side(stage1, tmp_path):
     w0, w1 = load_file(start / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     moved = {k for k in w0 if not torch.equal(w0[k], w1[k])}
     assert moved and all(k.startswith(("visual.", "model.visual.")) for k in moved)  # saved names drop "model."
+
+
+def test_resume_does_not_flag_an_unchanged_freeze_as_changed():
+    """--freeze parses to a tuple and is saved as a JSON list: the resume check compares them as saved, so an
+    unchanged setting is not reported as changed, and a changed one still is."""
+    args = argparse.Namespace(freeze=training.parse_freeze("vision,mlp"), lr=1e-3)
+    saved = json.loads(json.dumps(vars(args)))
+    assert training.changed_settings(saved, args) == {}
+    assert training.changed_settings(saved, argparse.Namespace(freeze=("vision",), lr=1e-3)) == \
+        {"freeze": (["vision", "mlp"], ["vision"])}
