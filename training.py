@@ -13,7 +13,6 @@ Both stages call these, so resume, the optimizer's parameter groups and clipping
 Layer: training -> checkpoint, report, distributed.
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -151,5 +150,5 @@ def restore(resume, model, optimizer, dist):
 
 def changed_settings(saved_args, args, ignore=("resume", "max_steps", "max_minutes", "model", "save_every", "out")):
     """{flag: (saved, now)} for settings that differ from the checkpoint's, to warn about on resume."""
-    now = json.loads(json.dumps(vars(args)))  # as saved: tuples (--freeze) come back as lists
+    now = vars(args)
     return {k: (v, now.get(k)) for k, v in saved_args.items() if k not in ignore and k in now and now[k] != v}

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import sft
 import training
-from checkpoint import load_trainer_state
+from checkpoint import load_trainer_state, write_trainer_state
 from conftest import random_image
 from policy import load_policy, rope_positions
 
@@ -287,11 +287,12 @@ def test_freeze_language_run_trains_only_the_vision_side(stage1, tmp_path):
     assert moved and all(k.startswith(("visual.", "model.visual.")) for k in moved)  # saved names drop "model."
 
 
-def test_resume_does_not_flag_an_unchanged_freeze_as_changed():
-    """--freeze parses to a tuple and is saved as a JSON list: the resume check compares them as saved, so an
-    unchanged setting is not reported as changed, and a changed one still is."""
-    args = argparse.Namespace(freeze=training.parse_freeze("vision,mlp"), lr=1e-3)
-    saved = json.loads(json.dumps(vars(args)))
+def test_resume_does_not_flag_an_unchanged_freeze_as_changed(tmp_path):
+    """--freeze parses to a tuple; saved in a trainer state and loaded back (the resume path), an unchanged setting
+    is not reported as changed, and a changed one still is."""
+    args = argparse.Namespace(freeze=training.parse_freeze("vision,mlp"), lr=1e-3, out=tmp_path)
+    write_trainer_state(tmp_path, {"args": vars(args)})
+    saved = load_trainer_state(tmp_path)["state"]["args"]
     assert training.changed_settings(saved, args) == {}
-    assert training.changed_settings(saved, argparse.Namespace(freeze=("vision",), lr=1e-3)) == \
-        {"freeze": (["vision", "mlp"], ["vision"])}
+    changed = argparse.Namespace(freeze=training.parse_freeze("vision"), lr=1e-3, out=tmp_path)
+    assert training.changed_settings(saved, changed) == {"freeze": (("vision", "mlp"), ("vision",))}
