@@ -1,0 +1,151 @@
+"""Where the embedded world's rationales go wrong: the four parts of each answer checked against the world.
+
+    python diagnose.py --world out/world out/eval/sft_cot                  # one evaluation (eval.py's folder)
+    python diagnose.py --world out/world out/eval/base out/eval/sft_cot out/eval/tapo --mode closed
+    python eval.py --model out/sft_cot/final --data out/world --mode closed --samples 8 --temperature 1.0 \
+        --out out/eval_t1/sft_cot && python diagnose.py --world out/world out/eval_t1/sft_cot   # greedy vs sampled
+
+A world rationale reads "Visual analysis: the bird has A. Candidates: X, Y, Z, W. Comparison: X has ...; ...
+Prediction: N." (world.py). For every evaluated item, greedy and each sampled answer apart, this reads the
+parts back and checks them against the class table of world.json:
+    analysis right     the visual analysis equals the ground truth's description (every attribute, pattern too)
+    colours right      the same with the pattern words left out (what the base model's captions mostly state)
+    snaps to seen      of the wrong analyses, those that are exactly some SEEN class's description
+    gt in candidates   the ground truth is among the candidates (given a right analysis)
+    lookup consistent  the predicted class's description equals the stated analysis (the comparison's job)
+    acc | analysis     accuracy of the answers whose analysis is right
+An answer without a visual analysis (the base model's short "<think> The bird has A. </think>") is read for its
+stated attributes only ("colours right" counts it; the other columns do not). Every figure is a count over the
+answers of that split and decoding, so greedy (1 per item) and sampled (K per item) rows differ in size.
+"""
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ANALYSIS = re.compile(r"(?:Visual analysis: the|<think>\s*The) \w+ has (.*?)\.(?: Candidates|\s*</think>)")
+CANDIDATES = re.compile(r"Candidates: (.*?)\. Comparison")
+PREDICTION = re.compile(r"Prediction: (.*?)\. ")
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def parse_rationale(text):
+    """The four parts of a world answer: {analysis, rationale (bool), candidates [], prediction, answer}."""
+    a, c = ANALYSIS.search(text), CANDIDATES.search(text)
+    p, ans = PREDICTION.search(text), ANSWER.search(text)
+    return {"analysis": a.group(1).strip() if a else None, "rationale": "Visual analysis:" in text,
+            "candidates": [x.strip() for x in c.group(1).split(",")] if c else [],
+            "prediction": p.group(1).strip() if p else None, "answer": ans.group(1).strip() if ans else None}
+
+
+def load_world(world_dir):
+    """{class name: (description, split)} and the pattern words, from world.json."""
+    path = Path(world_dir) / "world.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not an embedded world (python world.py --out {world_dir})")
+    meta = json.loads(path.read_text())
+    classes = {c["name"]: (c["description"], c["split"]) for d in meta["domains"].values() for c in d["classes"]}
+    return classes, list(meta["patterns"])
+
+
+def without_pattern(text, patterns):
+    """A description with its pattern words dropped ("tipped purple wings" -> "purple wings")."""
+    return re.sub(r"\b(?:%s) " % "|".join(map(re.escape, patterns)), "", text)
+
+
+def anatomy(records, classes, patterns):
+    """Counts per (split, decoding): decoding is "greedy" or "sampled@T" (eval.py --samples K --temperature T)."""
+    by_desc = {desc: split for desc, split in classes.values()}
+    out = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        if r["ground_truth"] not in classes:
+            raise ValueError(f"{r.get('key')}: ground truth {r['ground_truth']!r} is not a class of this world")
+        kind = f"sampled@{r['temperature']:g}" if "sample" in r else "greedy"
+        c = out[(r["split"], kind)]
+        gt_desc = classes[r["ground_truth"]][0]
+        p = parse_rationale(r["output"])
+        c["answers"] += 1
+        c["correct"] += bool(r["correct"])
+        if p["analysis"] is not None:
+            c["stated"] += 1
+            c["colours_right"] += without_pattern(p["analysis"], patterns) == without_pattern(gt_desc, patterns)
+        if not p["rationale"]:
+            continue
+        c["rationales"] += 1
+        right = p["analysis"] == gt_desc
+        c["analysis_right"] += right
+        if not right and by_desc.get(p["analysis"]) == "seen":
+            c["wrong_snaps_seen"] += 1
+        if right:
+            c["gt_in_candidates|right"] += r["ground_truth"] in p["candidates"]
+            c["correct|right"] += bool(r["correct"])
+        pred = classes.get(p["prediction"])
+        c["lookup_consistent"] += pred is not None and pred[0] == p["analysis"]
+    return out
+
+
+def frac(a, b):
+    return f"{a}/{b} ({100.0 * a / b:.1f}%)" if b else "-"
+
+
+def table(name, counts):
+    """Markdown rows, one per (split, decoding)."""
+    rows = []
+    for (split, kind), c in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] != "greedy", kv[0][1])):
+        wrong = c["rationales"] - c["analysis_right"]
+        rows.append(f"| {name} | {split} | {kind} | {frac(c['correct'], c['answers'])} | "
+                    f"{frac(c['colours_right'], c['stated'])} | {frac(c['analysis_right'], c['rationales'])} | "
+                    f"{frac(c['wrong_snaps_seen'], wrong)} | {frac(c['gt_in_candidates|right'], c['analysis_right'])} | "
+                    f"{frac(c['lookup_consistent'], c['rationales'])} | {frac(c['correct|right'], c['analysis_right'])} |")
+    return rows
+
+
+HEADER = ["| eval | split | decoding | correct | colours right (of stated) | analysis right (of rationales) | "
+          "wrong analyses that are a seen class | gt in candidates given a right analysis | lookup consistent | "
+          "acc given a right analysis |", "|---" * 10 + "|"]
+
+
+def read_items(folder, mode):
+    """eval.py's records of one evaluation folder (items*.jsonl), optionally one mode only."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder or file")
+    files = sorted(folder.glob("items*.jsonl")) if folder.is_dir() else [folder]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no items*.jsonl (an eval.py --out folder, or an items file)")
+    recs = []
+    for f in files:
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}:{n}: not JSON ({e.msg})") from None
+            if mode in ("both", r.get("mode")):
+                recs.append(r)
+    return recs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("evals", nargs="+", help="eval.py --out folders (or items.jsonl files) of this world's models")
+    ap.add_argument("--world", required=True, help="the world folder the evaluations ran on (holds world.json)")
+    ap.add_argument("--mode", choices=["closed", "open", "both"], default="closed",
+                    help="which prompts' answers to read (default closed: the options fix the candidates' reference)")
+    args = ap.parse_args(argv)
+    try:
+        classes, patterns = load_world(args.world)
+        lines = list(HEADER)
+        for e in args.evals:
+            lines += table(Path(e).name if Path(e).is_dir() else Path(e).parent.name,
+                           anatomy(read_items(e, args.mode), classes, patterns))
+    except (OSError, ValueError) as e:
+        ap.exit(2, f"diagnose.py: error: {e}\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

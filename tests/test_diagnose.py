@@ -1,0 +1,103 @@
+"""diagnose.py: the world rationale's four parts read back and checked against the class table."""
+import json
+
+import pytest
+
+import diagnose
+import world
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A world.json of one domain (the generator's own class table and split) and its classes."""
+    classes = world.make_classes("bird", 8)
+    seen, unseen = world.split_classes(classes, 0, 0.6)
+    meta = {"patterns": list(world.PATTERNS), "domains": {"bird": {"classes": [
+        {"name": c.name, "split": "seen" if c in seen else "unseen", "description": world.description(c)}
+        for c in classes]}}}
+    d = tmp_path_factory.mktemp("w")
+    (d / "world.json").write_text(json.dumps(meta))
+    return d, seen, unseen
+
+
+def record(c, output, split, correct, **extra):
+    return dict(key=f"x|{c.name}", ground_truth=c.name, split=split, mode="closed", output=output,
+                correct=correct, **extra)
+
+
+def test_parse_reads_back_the_generators_rationale(setup):
+    _, seen, _ = setup
+    c, cands = seen[0], [seen[1], seen[0], seen[2]]
+    p = diagnose.parse_rationale(world.rationale(c, cands, "describe"))
+    assert p == {"analysis": world.description(c), "rationale": True, "candidates": [o.name for o in cands],
+                 "prediction": c.name, "answer": c.name}
+
+
+def test_parse_reads_the_base_models_short_think(setup):
+    _, seen, _ = setup
+    c = seen[0]
+    p = diagnose.parse_rationale(f"<think> {world.analysis(c, pattern=False)} </think>\n\n<answer>{c.name}</answer>")
+    assert (p["analysis"], p["rationale"], p["answer"]) == (world.description(c, pattern=False), False, c.name)
+
+
+def test_without_pattern_drops_only_pattern_words():
+    assert diagnose.without_pattern("a red head, tipped blue wings and a plain body", ["plain", "tipped"]) == \
+        "a red head, blue wings and a body"
+
+
+def test_anatomy_counts_snaps_lookup_and_decoding_apart(setup):
+    d, seen, unseen = setup
+    classes, patterns = diagnose.load_world(d)
+    u = unseen[0]
+    snap = min(seen, key=lambda s: world.distance(s, u))  # the unseen image described as a seen class
+    wrong = world.rationale(snap, [snap, seen[1]], "describe")                        # analysis snaps to `snap`
+    right_bad_lookup = world.rationale(u, [u, snap], "describe").replace(f"Prediction: {u.name}.",
+                                                                          f"Prediction: {snap.name}.")
+    recs = [record(u, wrong, "unseen", False),
+            record(u, world.rationale(u, [snap, u], "describe"), "unseen", True),
+            record(u, right_bad_lookup, "unseen", False, sample=0, temperature=1.0)]
+    out = diagnose.anatomy(recs, classes, patterns)
+    g, s = out[("unseen", "greedy")], out[("unseen", "sampled@1")]
+    assert (g["answers"], g["correct"], g["analysis_right"], g["wrong_snaps_seen"]) == (2, 1, 1, 1)
+    assert (g["gt_in_candidates|right"], g["lookup_consistent"], g["correct|right"]) == (1, 2, 1)
+    assert (s["answers"], s["analysis_right"], s["lookup_consistent"], s["correct|right"]) == (1, 1, 0, 0)
+
+
+def test_colours_right_ignores_the_pattern(setup):
+    d, seen, _ = setup
+    classes, patterns = diagnose.load_world(d)
+    c = next(x for x in seen if x.a["pattern"] == "tipped")
+    out = diagnose.anatomy([record(c, f"<think> {world.analysis(c, pattern=False)} </think>\n\n<answer>{c.name}"
+                                      "</answer>", "seen", True)], classes, patterns)[("seen", "greedy")]
+    assert (out["stated"], out["colours_right"], out["rationales"]) == (1, 1, 0)
+
+
+def test_bad_line_names_file_and_line(tmp_path):
+    f = tmp_path / "items.jsonl"
+    f.write_text(json.dumps({"mode": "closed"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"items.jsonl:2"):
+        diagnose.read_items(tmp_path, "closed")
+
+
+def test_unknown_class_is_an_error(setup):
+    d, seen, _ = setup
+    classes, patterns = diagnose.load_world(d)
+    with pytest.raises(ValueError, match="not a class of this world"):
+        diagnose.anatomy([dict(record(seen[0], "", "seen", False), ground_truth="Nobody Wren")], classes, patterns)
+
+
+def test_cli_reports_a_missing_world_without_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        diagnose.main(["--world", str(tmp_path / "none"), str(tmp_path)])
+    assert e.value.code == 2 and "none/world.json: not an embedded world" in capsys.readouterr().err
+
+
+def test_cli_prints_one_row_per_split_and_decoding(setup, tmp_path, capsys):
+    d, seen, unseen = setup
+    recs = [record(seen[0], world.rationale(seen[0], [seen[0]], "describe"), "seen", True),
+            record(unseen[0], world.rationale(unseen[0], [unseen[0]], "describe"), "unseen", True),
+            record(unseen[0], "<answer>x</answer>", "unseen", False, sample=0, temperature=1.0)]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    diagnose.main(["--world", str(d), str(tmp_path)])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r.split(" | ")[1:3] for r in rows] == [["seen", "greedy"], ["unseen", "greedy"], ["unseen", "sampled@1"]]
