@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The paper's claims over seeds on the embedded world: for each seed (world split, base, SFT and TAPO together)
 # the main job (run.sh into $ROOT/seedS, default out/seeds), then the TAPO ablations from that seed's CoT-SFT checkpoint, each
-# evaluated closed- and open-world; then mean ± std over seeds of every model and the four claims, checked
-# ($ROOT/claims.md, $ROOT/claims.json; appended to out/results.md). About 20 minutes per seed on 2 idle cores.
+# evaluated closed- and open-world, and CoT SFT and TAPO also sampled at temperature 1.0 (avg@8, closed world); then
+# mean ± std over seeds of every model and the four claims, checked ($ROOT/claims.md, $ROOT/claims.json; appended to
+# out/results.md). About 25 minutes per seed on 2 idle cores (4 of them the sampled evaluations; SAMPLED=0 skips).
 # Variants other than the paper's ablations (no_intra, no_inter, dapo) are reported beside them, not as claim 4.
 #   bash ablate.sh                                   # seeds 0 1 2, ablations no_intra no_inter
 #   SEEDS="3 4" VARIANTS="no_intra no_inter dapo" bash ablate.sh
@@ -29,6 +30,14 @@ one_seed() {  # the main job and the ablations of seed $1, into $ROOT/seed$1
       echo "== tapo_$v: $(( $(date +%s) - t )) s" >> $O/timings.txt; }
     [ -e "$O/eval/$v/summary.json" ] || python eval.py --defaults world --model $O/ablate/$v/final --data $O/world --out $O/eval/$v --tag "$v"
   done
+  # what RL trains is the sampled policy: CoT SFT and TAPO also sampled 8 times per item at the release's temperature
+  # 1.0 (closed world, avg@8; README "Why TAPO's rollouts sample far below greedy"); SAMPLED=0 skips it
+  if [ "${SAMPLED:-1}" = 1 ]; then
+    for m in sft_cot tapo; do
+      [ -e "$O/eval_t1/$m/summary_closed_samples8-t1.json" ] || python eval.py --defaults world --model $O/$m/final \
+        --data $O/world --mode closed --samples 8 --temperature 1.0 --out $O/eval_t1/$m --tag "$m"
+    done
+  fi
 }
 mkdir -p $ROOT
 if [ "${PARALLEL:-0}" = 1 ]; then  # one process per seed at once (logs in $ROOT/seedS.log)
@@ -51,6 +60,7 @@ for s in seeds:
         for c in cols:
             per[m][c].append(summ[c[0]][c[1]]["avg"][c[2]])
 ms = lambda x: (statistics.mean(x), statistics.stdev(x) if len(x) > 1 else 0.0)
+mean_of = lambda d, sp: statistics.mean(d["tapo"][sp]) > statistics.mean(d["sft_cot"][sp])  # TAPO above on the mean
 mean = {m: {c: ms(v)[0] for c, v in d.items()} for m, d in per.items()}
 hdr = ["closed seen", "closed unseen", "open TI seen", "open TI unseen", "fmt closed seen", "fmt closed unseen",
        "fmt open seen", "fmt open unseen"]
@@ -89,6 +99,18 @@ for m in ["tapo"] + variants:
         lines.append(f"| {m} seed {s} | " + " | ".join("%.3f -> %.3f" % q[k] for k in ("reward", "acc", "format"))
                      + f" | {statistics.mean(kf):.2f} ({min(kf):.2f}) | {statistics.mean(rt):.1f} ({max(rt)}) | "
                      + "%.0f -> %.0f |" % q["len"])
+# the same two models sampled at 1.0 (avg@8, closed world), where every seed has it
+t1 = {m: [f"{root}/seed{s}/eval_t1/{m}/summary_closed_samples8-t1.json" for s in seeds] for m in ("sft_cot", "tapo")}
+if all(os.path.exists(f) for fs in t1.values() for f in fs):
+    avg8 = {m: {sp: [json.load(open(f))["closed"][sp]["avg"]["avg@8"] for f in fs] for sp in ("seen", "unseen")}
+            for m, fs in t1.items()}
+    lines += ["", "Sampled at the release's temperature 1.0, 8 answers per item (avg@8, closed world, mean ± std, %):",
+              "", "| model | closed seen avg@8 | closed unseen avg@8 |", "|---|---|---|"]
+    for m, name in (("sft_cot", "CoT SFT"), ("tapo", "CoT SFT + TAPO")):
+        lines.append(f"| {name} | " + " | ".join("%.1f ± %.1f" % ms(avg8[m][sp]) for sp in ("seen", "unseen")) + " |")
+    for sp in ("seen", "unseen"):
+        n = sum(b > a for a, b in zip(avg8["sft_cot"][sp], avg8["tapo"][sp]))
+        lines.append(f"\nTAPO > CoT SFT on {sp} avg@8: {'yes' if mean_of(avg8, sp) else 'NO'} on the mean, {n}/{len(seeds)} seeds")
 # where unseen answers go, and whether the CoT models write the rationale (closed world, greedy)
 lines += ["", "Closed-world answers per model, summed over seeds: rationale written (of all), unseen answers that "
           "name a seen class (of unseen):", "", "| model | rationale written | unseen -> a seen class |", "|---|---|---|"]
