@@ -60,7 +60,6 @@ for s in seeds:
         for c in cols:
             per[m][c].append(summ[c[0]][c[1]]["avg"][c[2]])
 ms = lambda x: (statistics.mean(x), statistics.stdev(x) if len(x) > 1 else 0.0)
-mean_of = lambda d, sp: statistics.mean(d["tapo"][sp]) > statistics.mean(d["sft_cot"][sp])  # TAPO above on the mean
 mean = {m: {c: ms(v)[0] for c, v in d.items()} for m, d in per.items()}
 hdr = ["closed seen", "closed unseen", "open TI seen", "open TI unseen", "fmt closed seen", "fmt closed unseen",
        "fmt open seen", "fmt open unseen"]
@@ -110,7 +109,8 @@ if all(os.path.exists(f) for fs in t1.values() for f in fs):
         lines.append(f"| {name} | " + " | ".join("%.1f ± %.1f" % ms(avg8[m][sp]) for sp in ("seen", "unseen")) + " |")
     for sp in ("seen", "unseen"):
         n = sum(b > a for a, b in zip(avg8["sft_cot"][sp], avg8["tapo"][sp]))
-        lines.append(f"\nTAPO > CoT SFT on {sp} avg@8: {'yes' if mean_of(avg8, sp) else 'NO'} on the mean, {n}/{len(seeds)} seeds")
+        up = statistics.mean(avg8["tapo"][sp]) > statistics.mean(avg8["sft_cot"][sp])
+        lines.append(f"\nTAPO > CoT SFT on {sp} avg@8: {'yes' if up else 'NO'} on the mean, {n}/{len(seeds)} seeds")
 # where unseen answers go, and whether the CoT models write the rationale (closed world, greedy)
 lines += ["", "Closed-world answers per model, summed over seeds: rationale written (of all), unseen answers that "
           "name a seen class (of unseen):", "", "| model | rationale written | unseen -> a seen class |", "|---|---|---|"]

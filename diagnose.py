@@ -25,6 +25,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import report
+
 ANALYSIS = re.compile(r"(?:Visual analysis: the|<think>\s*The) \w+ has (.*?)\.(?: Candidates|\s*</think>)")
 CANDIDATES = re.compile(r"Candidates: (.*?)\. Comparison")
 PREDICTION = re.compile(r"Prediction: (.*?)\. ")
@@ -108,30 +110,21 @@ HEADER = ["| eval | split | decoding | correct | colours right (of stated) | ana
 
 
 def read_items(folder, mode):
-    """eval.py's records of one evaluation folder (items*.jsonl), optionally one mode only."""
+    """eval.py's records of one evaluation folder (report.load_records: every items*.jsonl, one record per key,
+    a torn line skipped as eval.py's resume does), optionally one mode only."""
     folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such folder or file")
-    files = sorted(folder.glob("items*.jsonl")) if folder.is_dir() else [folder]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no items*.jsonl (an eval.py --out folder, or an items file)")
-    recs = []
-    for f in files:
-        for n, line in enumerate(f.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}:{n}: not JSON ({e.msg})") from None
-            if mode in ("both", r.get("mode")):
-                recs.append(r)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder (give eval.py's --out folder)")
+    recs = [r for r in report.load_records(folder).values() if mode in ("both", r.get("mode"))]
+    if not recs:
+        raise FileNotFoundError(f"{folder}: no {'' if mode == 'both' else mode + '-world '}answers in items*.jsonl "
+                                "(an eval.py --out folder)")
     return recs
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("evals", nargs="+", help="eval.py --out folders (or items.jsonl files) of this world's models")
+    ap.add_argument("evals", nargs="+", help="eval.py --out folders of this world's models")
     ap.add_argument("--world", required=True, help="the world folder the evaluations ran on (holds world.json)")
     ap.add_argument("--mode", choices=["closed", "open", "both"], default="closed",
                     help="which prompts' answers to read (default closed: the options fix the candidates' reference)")
@@ -140,8 +133,7 @@ def main(argv=None):
         classes, patterns = load_world(args.world)
         lines = list(HEADER)
         for e in args.evals:
-            lines += table(Path(e).name if Path(e).is_dir() else Path(e).parent.name,
-                           anatomy(read_items(e, args.mode), classes, patterns))
+            lines += table(Path(e).name, anatomy(read_items(e, args.mode), classes, patterns))
     except (OSError, ValueError) as e:
         ap.exit(2, f"diagnose.py: error: {e}\n")
     print("\n".join(lines))

@@ -91,7 +91,7 @@ RUNS = {"pretrain": Path("out/base"), "cot": Path("out/sft_cot"), "nocot": Path(
 # (seed 0 of a world with 32 quizzes per class: closed unseen 49.3 vs 60.4; README, "Tried before"). The token
 # embeddings and the decoder's MLPs stay frozen too (a world deviation): a few hundred steps on seen classes
 # otherwise overwrite what the 0.7M model knows of the unseen ones (closed unseen over 5 seeds: 35.7 with only
-# the vision side frozen, 44.4 with the embeddings as well, 51.4 with the MLPs as well; README "Tried this time").
+# the vision side frozen, 44.4 with the embeddings as well, 51.4 with the MLPs as well; README "Tried before this").
 WORLD = {
     "pretrain": dict(lr=1e-3, warmup_steps=50, epochs=8, batch_size=16, micro_batch=8, max_length=512,
                      min_pixels=0, max_pixels=0),

@@ -60,7 +60,7 @@ EMBEDDED_SFT = Path("out/sft_cot")  # the main job's CoT-SFT run: the default po
 # needs a larger lr than a 3B model; on the current world (seed 0) lr 1e-4 raised the training reward most
 # (0.574 -> 0.655) but cost 18 points of held-out unseen accuracy, 2e-5 raised it 0.580 -> 0.634 and cost 5.5
 # (README, "Tried before"). From the CoT SFT that trains only attention (the current world recipe) TAPO at
-# lr 1e-4, or at 5e-5 for 40 steps, also lowered held-out accuracy (README, "Tried this time").
+# lr 1e-4, or at 5e-5 for 40 steps, also lowered held-out accuracy (README, "Tried before this").
 # Its 112 x 112 images stay as they are (no pixel budget: the release's minimum would make them 448 x 448).
 WORLD = dict(max_new_tokens=160, rollout_batch=16, update_batch=8, micro_batch=16, max_steps=20, lr=2e-5,
              min_pixels=0, max_pixels=0)

@@ -21,7 +21,8 @@ def setup(tmp_path_factory):
 
 
 def record(c, output, split, correct, **extra):
-    return dict(key=f"x|{c.name}", ground_truth=c.name, split=split, mode="closed", output=output,
+    tail = f"|sample{extra['sample']}@t{extra['temperature']:g}" if "sample" in extra else ""  # eval.py's keys
+    return dict(key=f"x|{c.name}|closed{tail}", ground_truth=c.name, split=split, mode="closed", output=output,
                 correct=correct, **extra)
 
 
@@ -72,11 +73,21 @@ def test_colours_right_ignores_the_pattern(setup):
     assert (out["stated"], out["colours_right"], out["rationales"]) == (1, 1, 0)
 
 
-def test_bad_line_names_file_and_line(tmp_path):
-    f = tmp_path / "items.jsonl"
-    f.write_text(json.dumps({"mode": "closed"}) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"items.jsonl:2"):
-        diagnose.read_items(tmp_path, "closed")
+def test_reads_records_as_eval_resumes_them(setup, tmp_path):
+    """report.load_records' reading: a torn line (an interrupted eval) is skipped, one record per key."""
+    _, seen, _ = setup
+    r = record(seen[0], "<answer>x</answer>", "seen", False)
+    (tmp_path / "items.jsonl").write_text(json.dumps(r) + "\n" + json.dumps(r) + "\n" + '{"key": "torn", "outp')
+    assert diagnose.read_items(tmp_path, "closed") == [r]
+
+
+def test_folder_without_answers_of_the_mode_is_an_error(setup, tmp_path):
+    _, seen, _ = setup
+    (tmp_path / "items.jsonl").write_text(json.dumps(record(seen[0], "", "seen", False)) + "\n")
+    with pytest.raises(FileNotFoundError, match="no open-world answers"):
+        diagnose.read_items(tmp_path, "open")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        diagnose.read_items(tmp_path / "items.jsonl", "closed")
 
 
 def test_unknown_class_is_an_error(setup):

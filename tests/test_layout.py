@@ -10,8 +10,8 @@ import tapo
 ROOT = Path(__file__).resolve().parents[1]
 # Each module may import only modules of a LOWER layer (README "Files"); stages sit on top.
 LAYERS = [
-    ("distributed", "reward", "report", "diagnose"),
-    ("data", "checkpoint"),
+    ("distributed", "reward", "report"),
+    ("data", "checkpoint", "diagnose"),
     ("world",),
     ("presets",),
     ("policy",),
