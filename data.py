@@ -104,6 +104,10 @@ class SFTSample:
     answer: str         # assistant text
     system: str | None  # the file's system prompt, or None (reported, not applied: see the docstring)
     source: str         # "file.json:#index"
+    prefix: bool = False  # record key "prefix": the assistant text is the start of a longer answer, scored
+                          # without the closing <|im_end|> (the world's analysis_replay.json: only a visual analysis)
+    unscored: tuple = ()  # record key "unscored": [[start, end], ...] character spans of the assistant text whose
+                          # tokens carry no loss (there: a pattern word the pretraining corpus never stated)
 
 
 @dataclass
@@ -282,8 +286,17 @@ def load_stage1(path, image_root=None, check_images=True):
             raise DataError(f"{where}: the user message has {user.count(IMAGE_TOKEN)} '<image>' tokens but the "
                             f"sample has {len(images)} images")
         image = _image_path(images[0], root, where, check_images) if images else None
+        prefix, unscored = rec.get("prefix", False), rec.get("unscored", [])
+        if not isinstance(prefix, bool):
+            raise DataError(f"{where}: 'prefix' must be true or false, got {prefix!r}")
+        if not isinstance(unscored, list) or not all(
+                isinstance(sp, list) and len(sp) == 2 and all(type(x) is int for x in sp)
+                and 0 <= sp[0] < sp[1] <= len(answer) for sp in unscored):
+            raise DataError(f"{where}: 'unscored' must be a list of [start, end] character spans inside the "
+                            f"assistant text (length {len(answer)}), got {unscored!r}")
         out.append(SFTSample(image=image, question=user.replace(IMAGE_TOKEN, "").strip(), answer=answer,
-                             system=system, source=f"{os.path.basename(path)}:#{i}"))
+                             system=system, source=f"{os.path.basename(path)}:#{i}", prefix=prefix,
+                             unscored=tuple(tuple(sp) for sp in unscored)))
     return out
 
 

@@ -56,17 +56,21 @@ W=$OUT/world
 stage world      $W/world.json           python world.py --out $W --seed "$SEED" ${WORLD_FLAGS:-}
 stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --variant pretrain --model ${PRESET:-tiny} --data $W --out $OUT/base --seed "$SEED" \
                                            --epochs ${BASE_EPOCHS:-5}
-# CoT SFT and its answer-only baseline: the same images, prompts, steps and lr, each with a replay of half of
+# CoT SFT and its answer-only baseline: the same images, prompts and lr, each with a replay of half of
 # replay.json, the pretraining corpus minus its short prompt-format samples (README, deviations: the tiny model
 # otherwise forgets what the base knew; the base's short answers would compete with the rationale)
 # (--defaults world freezes the vision tower and projector, as the release's SFT, and the token embeddings and the
 # decoder's MLPs, so that the language model keeps its knowledge of the unseen classes; SFT_EXTRA adds flags to both)
-SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --max-steps ${SFT_STEPS:-200} --warmup-steps 10 ${SFT_EXTRA:-}"
+# CoT SFT also replays the pretraining images' descriptions as the rationale's visual analysis, 3 times
+# (analysis_replay.json, README Δ: fitted to 30 images, the analysis otherwise drifts to the seen classes), in
+# twice the steps: its mixture is twice as large, so both SFTs make the same number of passes over their data
+SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --warmup-steps 10 ${SFT_EXTRA:-}"
 beside sft_nocot stage sft_nocot $OUT/sft_nocot/final $RUN sft.py --model $OUT/base/final \
                                            --data $W/sft_nocot.json:4,$W/replay.json:${REPLAY:-0.5} \
-                                           $SFT_FLAGS --variant nocot --out $OUT/sft_nocot --seed "$SEED"
-stage sft_cot    $OUT/sft_cot/final      $RUN sft.py --model $OUT/base/final --data $W/cot_sft.json:4,$W/replay.json:${REPLAY:-0.5} \
-                                           $SFT_FLAGS --out $OUT/sft_cot --seed "$SEED"
+                                           $SFT_FLAGS --max-steps ${SFT_STEPS:-200} --variant nocot --out $OUT/sft_nocot --seed "$SEED"
+stage sft_cot    $OUT/sft_cot/final      $RUN sft.py --model $OUT/base/final \
+                                           --data $W/cot_sft.json:4,$W/replay.json:${REPLAY:-0.5},$W/analysis_replay.json:${ANALYSIS_REPLAY:-3} \
+                                           $SFT_FLAGS --max-steps ${COT_STEPS:-400} --out $OUT/sft_cot --seed "$SEED"
 join
 evaluate() {  # evaluate MODEL...: closed- and open-world, seen and unseen, into $OUT/eval/MODEL
   local m

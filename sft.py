@@ -57,6 +57,10 @@ Deviations and choices:
  8. Under torchrun a text-only micro-batch (pretraining knowledge texts) gets one extra unscored row with a
     blank 56x56 image, so that every rank runs the vision tower at the same point of its forward (FSDP2's
     all-gathers must come in the same order on all ranks; see encode_micro_batch).
+ 9. Two optional keys of a Stage-1 record, ours (the release's files have neither): `"prefix": true`, the
+    assistant text is the start of a longer answer and is scored without the closing <|im_end|>; `"unscored":
+    [[start, end], ...]`, character spans of the assistant text whose tokens stay in the input but carry no
+    loss (and do not count in N_step). The world's analysis_replay.json uses both (world.py).
 TODO: every rank loads the full fp32 model before sharding (fine to 7B on a large host; meta-device init +
 rank-0 broadcast would lower host memory). Images are decoded in the training loop (no DataLoader workers).
 """
@@ -226,10 +230,11 @@ def load_mixture(spec, variant="cot", image_root=None, seed=0):
 
 def tokenize(samples, processor, system, max_length, pixels=(None, None)):
     """(prompt_lens, resp_ids): exact prompt lengths (image tokens after the pixel budget (min, max) included)
-    and response ids + <|im_end|>, responses truncated so that prompt + response <= max_length (the release's
+    and response ids + <|im_end|> (none for a `prefix` sample, whose answer is the start of a longer one), responses truncated so that prompt + response <= max_length (the release's
     cutoff_len). A prompt that alone reaches max_length is a DataError naming the sample."""
     tok = processor.tokenizer
     resp = encode_responses(tok, [s.answer for s in samples])
+    resp = [r[:-1] if s.prefix else r for s, r in zip(samples, resp)]  # a prefix sample's answer goes on: no end
     cache, prompt_lens, truncated = {}, [], 0
     for i, s in enumerate(samples):
         key = (s.question, s.image is not None)
@@ -245,6 +250,19 @@ def tokenize(samples, processor, system, max_length, pixels=(None, None)):
             resp[i], truncated = resp[i][:max_length - n], truncated + 1
         prompt_lens.append(n)
     return prompt_lens, resp, truncated
+
+
+def unscored_positions(tokenizer, samples, resp_ids):
+    """{sample index: response positions whose token overlaps one of the sample's `unscored` character spans}
+    (only samples that have spans; positions past a truncation dropped). These tokens stay in the input (teacher
+    forcing) but carry no loss and do not count in the step's token total."""
+    out = {}
+    for i, s in enumerate(samples):
+        if s.unscored:
+            offs = tokenizer(s.answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            out[i] = [j for j, (a, b) in enumerate(offs[:len(resp_ids[i])])
+                      if any(a < end and start < b for start, end in s.unscored)]
+    return out
 
 
 def grouping_keys(prompt_lens, resp_ids):
@@ -303,7 +321,7 @@ def micro_batch_cost(idxs, prompt_lens, resp_ids):
 
 
 def encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, system, device, need_image=False,
-                       pixels=(None, None)):
+                       pixels=(None, None), unscored=None):
     """Teacher-forcing batch of samples `idxs` (data.py's shared chat construction), on `device`.
 
     need_image: a micro-batch of text-only samples gets one extra row, a blank 56x56 image with an empty,
@@ -321,6 +339,9 @@ def encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, system, 
     for row, i in enumerate(idxs):
         assert int(prompts["attention_mask"][row].sum()) == prompt_lens[i], f"{samples[i].source}: prompt length"
     batch = join_prompt_response(prompts, resp, processor.tokenizer.pad_token_id)
+    for row, i in enumerate(idxs):  # `unscored` (unscored_positions): teacher-forced, no loss
+        for j in (unscored or {}).get(i, ()):
+            batch["response_mask"][row, batch["prompt_len"] + j] = False
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -395,6 +416,7 @@ def main(argv=None):
     except DataError as e:
         raise SystemExit(f"sft.py: bad data: {e}")
     keys = grouping_keys(prompt_lens, resp_ids)
+    unscored = unscored_positions(processor.tokenizer, samples, resp_ids)
     training.freeze(model, args.freeze)  # Δ13 (vision); world cot / nocot: vision, embeddings, mlp
     model, parallel = training.wrap_for_training(model, args.parallel, args.grad_checkpointing, dist)
     model.train()
@@ -443,12 +465,13 @@ def main(argv=None):
         batch = cache[epoch][b]
         plan = rank_micro_batches(batch, keys, args.micro_batch, dist.world, group_micro)  # [rank][j] -> indices
         # every rank plans the whole step, so the step's token counts need no communication
-        n_step = sum(len(resp_ids[i]) for i in batch)  # assistant tokens of the step, all ranks
+        n_step = max(1, sum(len(resp_ids[i]) - len(unscored.get(i, ())) for i in batch))  # scored tokens, all ranks
         real, padded = map(sum, zip(*(micro_batch_cost(mb, prompt_lens, resp_ids) for r in plan for mb in r)))
 
         # ---- forward / backward over this rank's micro-batches
         mine = [(encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb or batch[:1], system,
-                                    dist.device, need_image=dist.world > 1, pixels=pixels), 1.0 if mb else 0.0)
+                                    dist.device, need_image=dist.world > 1, pixels=pixels, unscored=unscored),
+                 1.0 if mb else 0.0)
                 for mb in plan[dist.rank]]
         lr = args.lr * cosine_with_warmup(step, args.warmup_steps, total)
         nll = forward_backward(model, mine, n_step, dist.world, autocast)

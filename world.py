@@ -42,13 +42,19 @@ Like the paper (section 4),
 a seeded 60% of each domain's classes are seen and 40% unseen; CoT SFT gets one rationale per seen class,
 TAPO a 4-shot triplet set of seen classes, and eval covers seen and unseen classes. No unseen class name or
 unseen-class image reaches `cot_sft.json`, `sft_nocot.json` or `rl_train.jsonl`; option lists of the eval
-files draw distractors from all classes, like the release's.
+files draw distractors from all classes, like the release's. The two replay files are the base model's own
+corpus, re-used against forgetting (README Δ): `replay.json` a part of it as is, `analysis_replay.json` its
+pretraining images (every class's, as in the corpus) with what the corpus said of them, put as the start of a
+rationale; it names no unseen class.
 
 Files (all paths inside them relative to the world folder, which is the image root)
 ---------------------------------------------------------------------------------
     world.json                 metadata: seed, sizes, palette, per domain the attributes, classes, split
     pretrain.json              base-model corpus (Stage-1 JSON): knowledge texts, captions, attribute VQA
     replay.json                the part of pretrain.json that SFT replays: all but the short prompt-format answers
+    analysis_replay.json       what CoT SFT also replays: each pretraining image under a stage prompt, answered with
+                               only the rationale's visual analysis in the corpus's words (Stage-1 + "prefix": no
+                               end of turn; "unscored": the pattern word where no text about the image stated it)
     cot_sft.json               Stage-1 CoT SFT: one image per seen class asked under the RL / open / closed prompts
                                (+ closed_option_sets - 1 more closed questions), release system prompt + rationale
     sft_nocot.json             same images/questions, assistant = "<answer>LABEL</answer>" ("SFT w/o CoT")
@@ -454,6 +460,38 @@ def quiz(c, classes, rng, reasoned=False, comparison="difference"):
     return prompt, f"<think> {analysis(c)} </think>\n\n<answer>{c.name}</answer>"
 
 
+def analysis_samples(pool, seen, rng):
+    """The analysis replay (Stage-1 records, `prefix`: scored without an end of turn): for each pretraining image
+    (image, class, pattern stated), the class question under the RL, open- or closed-world prompt, answered with
+    the beginning of a rationale, "<think> Visual analysis: the bird has a red head, plain blue wings and a yellow
+    body." The words are what the corpus said of the image; where no text about it stated its pattern, the
+    pattern word is there (the rationale's form) but `unscored`. Closed-world options are seen classes only (the
+    image's own among them when it is seen), so the file names no unseen class."""
+    out = []
+    for rel, c, stated in pool:
+        dom = DOMAINS[c.domain]
+        kind, q = rng.choice(("rl", "open", "closed")), rng.choice(EVAL_QUESTIONS).format(noun=dom.noun)
+        if kind == "rl":
+            prompt = rl_prompt(f"<image> Based on this image, what {dom.kind} of {dom.noun} is shown?")
+        elif kind == "open":
+            prompt = open_prompt(q)
+        else:
+            others = rng.sample([o.name for o in seen if o.name != c.name], 4)
+            opts = ([c.name] + others[:3]) if c in seen else others
+            rng.shuffle(opts)
+            prompt = closed_prompt(q, opts)
+        head = f"<think> Visual analysis: the {dom.noun} has "
+        text = head + description(c) + "."
+        rec = {"messages": [{"role": "user", "content": "<image>" + prompt},
+                            {"role": "assistant", "content": text}], "images": [rel], "prefix": True}
+        if not stated:
+            word = c.a["pattern"]
+            start = text.index(f" {word} ", len(head) - 1) + 1
+            rec["unscored"] = [[start, start + len(word)]]
+        out.append(rec)
+    return out
+
+
 def tokenizer_corpus():
     """Fixed text (independent of any seed) covering the world's vocabulary, for policy.py's BPE tokenizer."""
     texts = list(COLOURS) + list(PATTERNS)
@@ -652,7 +690,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
                                     quizzes=quizzes, comparison=comparison,
                                     closed_option_sets=closed_option_sets, quiz_cot=quiz_cot),
                       "image_size": SIZE, "colours": COLOURS, "patterns": list(PATTERNS), "domains": {}}
-    pretrain, cot, nocot, rl = [], [], [], []
+    pretrain, cot, nocot, rl, analysis_replay = [], [], [], [], []
     evals = {}
 
     def image(c, split, idx):
@@ -688,7 +726,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
         # names the class (with web noise) in a share `name_frac`, and `instruct_per_image` attribute questions
         # under the later stages' prompts. Only a share `pattern_frac` of the texts about an image mention its
         # pattern: the base model reads patterns unreliably (a perception confusion shared by all classes).
-        n_pre = 0
+        n_pre, pool = 0, []  # pool: (image, class, did any text about it state its pattern)
         for c in classes:
             for i in range(captions):
                 rel = image(c, "pretrain", n_pre)
@@ -697,16 +735,23 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
                     q, a = named_caption(c, classes, rng, name_noise, rng.random() < pattern_frac)
                 else:
                     q, a = rng.choice(CAPTION_QUESTIONS).format(noun=dom.noun), caption(c, rng.random() < pattern_frac)
+                texts = [a]
                 pretrain.append({"messages": [{"role": "user", "content": "<image>" + q},
                                               {"role": "assistant", "content": a}], "images": [rel]})
                 for _ in range(instruct_per_image):
                     named = rng.random() < instruct_name_frac
                     q, a = instruct(c, rng, rng.random() < pattern_frac, classes if named else None, name_noise)
+                    texts.append(a)
                     pretrain.append({"messages": [{"role": "user", "content": "<image>" + q},
                                                   {"role": "assistant", "content": a}], "images": [rel]})
+                pool.append((rel, c, any(description(c) in t for t in texts)))  # the whole description: pattern too
                 for attr in rng.sample([k for k, _ in dom.attributes], min(vqa, len(dom.attributes))):
                     pretrain.append({"messages": [{"role": "user", "content": "<image>" + dom.vqa[attr]},
                                                   {"role": "assistant", "content": c.a[attr]}], "images": [rel]})
+
+        # ---- analysis replay: every pretraining image asked the class question, answered with only the start of
+        # a rationale, its visual analysis in the corpus's own words (seeded apart: the other files do not change)
+        analysis_replay.extend(analysis_samples(pool, seen, seeded(seed, "analysis-replay", d)))
 
         # ---- k-shot training images of seen classes; CoT SFT, answer-only SFT, RL triplets
         train = {c.name: [image(c, "train", i) for i in range(shots)] for c in seen}
@@ -774,12 +819,14 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
     replay = [s for s in pretrain if "<think>" not in s["messages"][-1]["content"]
               or "Candidates:" in s["messages"][-1]["content"]]
     _dump_json(out / "replay.json", replay)
+    _dump_json(out / "analysis_replay.json", analysis_replay)
     _dump_json(out / "cot_sft.json", cot)
     _dump_json(out / "sft_nocot.json", nocot)
     _dump_jsonl(out / "rl_train.jsonl", rl)
     for name, rows in evals.items():
         _dump_jsonl(out / name, rows)
-    meta["files"] = {"pretrain.json": len(pretrain), "replay.json": len(replay), "cot_sft.json": len(cot), "sft_nocot.json": len(nocot),
+    meta["files"] = {"pretrain.json": len(pretrain), "replay.json": len(replay),
+                     "analysis_replay.json": len(analysis_replay), "cot_sft.json": len(cot), "sft_nocot.json": len(nocot),
                      "rl_train.jsonl": len(rl), **{k: len(v) for k, v in evals.items()}, "images": len(jobs)}
     _dump_json(out / "world.json", meta)
     if verbose:

@@ -97,6 +97,15 @@ def test_stage1_text_only_samples(tmp_path):
     assert s.image is None and s.system is None and s.question == "Describe the Vesper Finch."
 
 
+def test_stage1_prefix_and_unscored_spans(imgs):
+    """The optional record keys `prefix` and `unscored` reach the sample (absent: False and no span)."""
+    f = imgs / "s1.json"
+    f.write_text(json.dumps([dict(stage1_record(), prefix=True, unscored=[[8, 9], [1, 3]]), stage1_record()]))
+    a, b = data.load_stage1(f)
+    assert a.prefix and a.unscored == ((8, 9), (1, 3))
+    assert not b.prefix and b.unscored == ()
+
+
 BAD = [  # (file name, content, loader, substrings the error must contain)
     ("s1.json", "[{]", data.load_stage1, ["s1.json", "invalid JSON"]),
     ("s1.json", json.dumps([stage1_record(), {"msgs": []}]), data.load_stage1, ["s1.json:#1", "messages"]),
@@ -106,6 +115,11 @@ BAD = [  # (file name, content, loader, substrings the error must contain)
      ["s1.json:#0", "broken.png", "unreadable"]),
     ("s1.json", json.dumps([stage1_record(question="no image token")]), data.load_stage1, ["s1.json:#0", "<image>"]),
     ("s1.json", json.dumps([stage1_record(answer="  ")]), data.load_stage1, ["s1.json:#0", "empty assistant"]),
+    ("s1.json", json.dumps([stage1_record(), dict(stage1_record(), prefix="yes")]), data.load_stage1,
+     ["s1.json:#1", "prefix"]),
+    ("s1.json", json.dumps([dict(stage1_record(), unscored=[[3, 99]])]), data.load_stage1,
+     ["s1.json:#0", "unscored", "length 18"]),
+    ("s1.json", json.dumps([dict(stage1_record(), unscored=[3, 5])]), data.load_stage1, ["s1.json:#0", "unscored"]),
     ("rl.jsonl", jsonl([rl_row(), "{not json"]), data.load_stage2, ["rl.jsonl:2", "invalid JSON"]),
     ("rl.jsonl", jsonl([rl_row(), rl_row(), {"images": ["a.png"]}]), data.load_stage2, ["rl.jsonl:3", "missing"]),
     ("rl.jsonl", jsonl([rl_row(image_aug=["gone.png"])]), data.load_stage2, ["rl.jsonl:1", "gone.png", "not found"]),

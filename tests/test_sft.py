@@ -107,6 +107,35 @@ def test_only_assistant_tokens_carry_loss(stage1):
     torch.testing.assert_close(loss, -ref[mask[:, 1:]].sum() / n, atol=1e-5, rtol=1e-5)
 
 
+def test_prefix_sample_is_scored_without_end_of_turn(tmp_path):
+    """A `prefix` record (the start of a longer answer) is scored on its text alone: no closing <|im_end|>."""
+    recs = stage1_records(tmp_path, n=3)
+    recs[0]["prefix"] = True
+    (tmp_path / "p.json").write_text(json.dumps(recs))
+    model, processor, samples, prompt_lens, resp_ids = prepared(tmp_path / "p.json")
+    batch = sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, [0, 1], None, "cpu")
+    decode = [processor.tokenizer.decode(batch["input_ids"][r][batch["response_mask"][r]]) for r in range(2)]
+    assert decode == [samples[0].answer, samples[1].answer + "<|im_end|>"]
+
+
+def test_unscored_span_is_teacher_forced_but_carries_no_loss(tmp_path):
+    """The tokens of an `unscored` character span stay in the input and are exactly the response tokens the
+    mask leaves out; the step's token count (unscored_positions) drops by as many."""
+    recs = stage1_records(tmp_path, n=1)
+    answer = "<think> Visual analysis: the bird has a red head, plain blue wings and a yellow body."
+    start = answer.index("plain")
+    recs[0]["messages"][-1]["content"], recs[0]["unscored"] = answer, [[start, start + 5]]
+    (tmp_path / "u.json").write_text(json.dumps(recs))
+    model, processor, samples, prompt_lens, resp_ids = prepared(tmp_path / "u.json")
+    tok = processor.tokenizer
+    unscored = sft.unscored_positions(tok, samples, resp_ids)
+    batch = sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, [0], None, "cpu", unscored=unscored)
+    P, ids, mask = batch["prompt_len"], batch["input_ids"][0], batch["response_mask"][0]
+    assert tok.decode(ids[P:]) == answer + "<|im_end|>"
+    assert tok.decode(ids[P:][~mask[P:]]).strip() == "plain"
+    assert int(mask.sum()) == len(resp_ids[0]) - len(unscored[0]) == len(resp_ids[0]) - 1
+
+
 def test_micro_batch_size_does_not_change_the_gradient(stage1):
     """One step as 1 micro-batch of 8 and as 8 micro-batches of 1 gives the same gradient (1e-6)."""
     model, processor, samples, prompt_lens, resp_ids = prepared(stage1)

@@ -257,6 +257,35 @@ def test_replay_is_the_corpus_without_its_prompt_format_samples(small):
     assert fmt and replay == [s for s in corpus if s not in fmt]
 
 
+def test_analysis_replay_says_of_each_pretraining_image_what_the_corpus_said(small, meta):
+    """analysis_replay.json: every pretraining image once, answered with the start of its class's rationale (the
+    visual analysis, `prefix`), no unseen class named; its pattern word is scored exactly when some corpus text
+    about the image stated the whole description, and otherwise is the one `unscored` span."""
+    replay = json.loads((small / "analysis_replay.json").read_text())
+    corpus = json.loads((small / "pretrain.json").read_text())
+    said = {}
+    for smp in corpus:
+        for p in smp["images"]:
+            said.setdefault(p, []).append(smp["messages"][-1]["content"])
+    assert sorted(r["images"][0] for r in replay) == sorted(said)
+    by_desc = {(c.domain, world.description(c)): c for c in classes_of(meta).values()}
+    unseen = [n for info in meta["domains"].values() for n in info["unseen"]]
+    for r in replay:
+        text = r["messages"][-1]["content"]
+        assert r["prefix"] is True and not [n for n in unseen if n in r["messages"][0]["content"] + text]
+        m = re.fullmatch(r"<think> Visual analysis: the (\w+) has (.+)\.", text)
+        domain = next(d for d, info in meta["domains"].items() if info["noun"] == m.group(1))
+        c = by_desc[(domain, m.group(2))]
+        assert world.rationale(c, [c]).startswith(text)
+        stated = any(world.description(c) in t for t in said[r["images"][0]])
+        assert stated or any(world.description(c, pattern=False) in t for t in said[r["images"][0]])
+        if stated:
+            assert "unscored" not in r
+        else:
+            [[a, b]] = r["unscored"]
+            assert text[a:b] == c.a["pattern"]
+
+
 def test_closed_option_sets_make_the_candidates_a_copy_of_the_options(tmp_path):
     """--closed-option-sets K: K closed-world CoT samples per seen class, options = the class and other SEEN
     classes, and the rationale's candidates are exactly the options in the order listed."""
@@ -325,6 +354,7 @@ def test_images_are_112px_rgb_pngs(small):
 def test_world_files_load_with_data_loaders(small):
     """All written files parse with data.py, images checked; the CoT file carries the release system prompt."""
     assert len(data.load_stage1(small / "pretrain.json")) > 0
+    assert all(s.prefix and s.image for s in data.load_stage1(small / "analysis_replay.json"))
     cot = data.load_stage1(small / "cot_sft.json")
     assert all(s.system == data.SYSTEM_PROMPT_R1 and s.image.endswith(".png") for s in cot)
     assert all(Path(r.positive).exists() for r in data.load_stage2(small / "rl_train.jsonl"))
