@@ -19,7 +19,8 @@ declare -A FLAGS=(
   [dapo]="--no-intra --no-inter"             # plain DAPO
   [cond_anchor]="--intra-condition anchor"   # paper's conditioning of positive rollouts (Δ1)
   [reward_official]="--reward official"      # the release's substring reward (Δ10)
-  [frozen_lm]="--freeze embeddings,mlp"      # only the vision side and the decoder's attention learn (world SFT's choice)
+  [frozen_lm]="--freeze embeddings,mlp"      # only the vision side and the decoder's attention learn
+  [sft_freeze]="--freeze vision,embeddings,mlp"  # only the decoder's attention and norms learn (the world SFT's freeze)
 )
 one_seed() {  # the main job and the ablations of seed $1, into $ROOT/seed$1
   local s=$1 O=$ROOT/seed$1

@@ -8,7 +8,7 @@
 #                                        # trains with BASE_NPROC, default max(NPROC, 2), processes)
 #   PRESET=small OUT=out/small bash run.sh   # the 3.5M-parameter preset (presets.py) instead of the 0.7M one
 #   WORLD_FLAGS="--knowledge-repeats 3 --name-frac 0.5 --instruct-name-frac 0.7" SFT_EXTRA="--freeze none" \
-#   TAPO_FLAGS="--defaults world --lr 1e-4" BASE_NPROC=1 bash run.sh
+#   TAPO_FLAGS="--defaults world --lr 1e-4" BASE_NPROC=1 ANALYSIS_REPLAY=0 COT_STEPS=200 bash run.sh
 #                                        # the previous world and recipe (README, "Results", earlier recipes)
 # With one process per stage (NPROC=1, the default) independent stages share the two cores: the answer-only SFT
 # runs beside CoT SFT, and the first three evaluations beside TAPO, in the background (logs in $OUT/logs/);
@@ -64,12 +64,14 @@ stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --var
 # CoT SFT also replays the pretraining images' descriptions as the rationale's visual analysis, 3 times
 # (analysis_replay.json, README Δ: fitted to 30 images, the analysis otherwise drifts to the seen classes), in
 # twice the steps: its mixture is twice as large, so both SFTs make the same number of passes over their data
+# (ANALYSIS_REPLAY=0 COT_STEPS=200: the previous recipe, without it)
 SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --warmup-steps 10 ${SFT_EXTRA:-}"
+AR_DATA=""; if [ "${ANALYSIS_REPLAY:-3}" != 0 ]; then AR_DATA=",$W/analysis_replay.json:${ANALYSIS_REPLAY:-3}"; fi
 beside sft_nocot stage sft_nocot $OUT/sft_nocot/final $RUN sft.py --model $OUT/base/final \
                                            --data $W/sft_nocot.json:4,$W/replay.json:${REPLAY:-0.5} \
                                            $SFT_FLAGS --max-steps ${SFT_STEPS:-200} --variant nocot --out $OUT/sft_nocot --seed "$SEED"
 stage sft_cot    $OUT/sft_cot/final      $RUN sft.py --model $OUT/base/final \
-                                           --data $W/cot_sft.json:4,$W/replay.json:${REPLAY:-0.5},$W/analysis_replay.json:${ANALYSIS_REPLAY:-3} \
+                                           --data $W/cot_sft.json:4,$W/replay.json:${REPLAY:-0.5}$AR_DATA \
                                            $SFT_FLAGS --max-steps ${COT_STEPS:-400} --out $OUT/sft_cot --seed "$SEED"
 join
 evaluate() {  # evaluate MODEL...: closed- and open-world, seen and unseen, into $OUT/eval/MODEL
