@@ -476,7 +476,8 @@ def analysis_samples(pool, seen, rng):
         elif kind == "open":
             prompt = open_prompt(q)
         else:
-            others = rng.sample([o.name for o in seen if o.name != c.name], 4)
+            pool_names = [o.name for o in seen if o.name != c.name]
+            others = rng.sample(pool_names, min(4, len(pool_names)))  # a tiny world may have fewer seen classes
             opts = ([c.name] + others[:3]) if c in seen else others
             rng.shuffle(opts)
             prompt = closed_prompt(q, opts)

@@ -1,4 +1,5 @@
 """The embedded world: determinism, splits, no leakage of unseen classes, triplets, options, rationales."""
+import ast
 import hashlib
 import json
 import re
@@ -284,6 +285,18 @@ def test_analysis_replay_says_of_each_pretraining_image_what_the_corpus_said(sma
         else:
             [[a, b]] = r["unscored"]
             assert text[a:b] == c.a["pattern"]
+
+
+def test_smallest_world_lists_only_seen_options_in_the_analysis_replay(tmp_path):
+    """With 4 classes per domain (2 seen) the analysis replay's closed-world options are the seen classes there
+    are, never an unseen one (fewer than 4 when fewer exist)."""
+    w = world.generate(tmp_path / "w", seed=1, **dict(SMALL, classes_per_domain=4))
+    meta = json.loads((w / "world.json").read_text())
+    seen = {n for info in meta["domains"].values() for n in info["seen"]}
+    closed = [re.search(r"options provided in (\[.*?\])", r["messages"][0]["content"])
+              for r in json.loads((w / "analysis_replay.json").read_text())]
+    opts = [ast.literal_eval(m.group(1)) for m in closed if m]
+    assert opts and all(1 <= len(o) <= 4 and set(o) <= seen for o in opts)
 
 
 def test_closed_option_sets_make_the_candidates_a_copy_of_the_options(tmp_path):
