@@ -827,7 +827,8 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
     for name, rows in evals.items():
         _dump_jsonl(out / name, rows)
     meta["files"] = {"pretrain.json": len(pretrain), "replay.json": len(replay),
-                     "analysis_replay.json": len(analysis_replay), "cot_sft.json": len(cot), "sft_nocot.json": len(nocot),
+                     "analysis_replay.json": len(analysis_replay), "cot_sft.json": len(cot),
+                     "sft_nocot.json": len(nocot),
                      "rl_train.jsonl": len(rl), **{k: len(v) for k, v in evals.items()}, "images": len(jobs)}
     _dump_json(out / "world.json", meta)
     if verbose:
