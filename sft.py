@@ -231,7 +231,8 @@ def load_mixture(spec, variant="cot", image_root=None, seed=0):
 def tokenize(samples, processor, system, max_length, pixels=(None, None)):
     """(prompt_lens, resp_ids): exact prompt lengths (image tokens after the pixel budget (min, max) included)
     and response ids + <|im_end|> (none for a `prefix` sample, whose answer is the start of a longer one),
-    responses truncated so that prompt + response <= max_length (the release's cutoff_len). A prompt that alone reaches max_length is a DataError naming the sample."""
+    responses truncated so that prompt + response <= max_length (the release's cutoff_len). A prompt that alone
+    reaches max_length is a DataError naming the sample."""
     tok = processor.tokenizer
     resp = encode_responses(tok, [s.answer for s in samples])
     resp = [r[:-1] if s.prefix else r for s, r in zip(samples, resp)]  # a prefix sample's answer goes on: no end

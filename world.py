@@ -137,6 +137,11 @@ class Domain:
     second_words: tuple     # genus words: classes of one genus look alike
 
     @property
+    def rl_question(self):
+        """The RL rows' class question (the release's problem wording)."""
+        return f"Based on this image, what {self.kind} of {self.noun} is shown?"
+
+    @property
     def plural(self):
         return self.noun if self.noun == "aircraft" else self.noun + "s"
 
@@ -416,7 +421,7 @@ def instruct(c, rng, pattern=True, classes=None, noise=None):
     else:
         value = web_name(c, classes, rng, noise)
         value = value[4:] if value.startswith("the ") else value
-        rl_q, q = f"Based on this image, what {dom.kind} of {dom.noun} is shown?", rng.choice(EVAL_QUESTIONS).format(noun=dom.noun)
+        rl_q, q = dom.rl_question, rng.choice(EVAL_QUESTIONS).format(noun=dom.noun)
         opts = [c.name] + [o.name for o in nearest(c, classes, 3, rng)]
         if kind == "closed" and value not in opts:  # an Instruct model answers with one of the options: the
             value = c.name                           # web's genus / super-category names apply to open prompts only
@@ -472,7 +477,7 @@ def analysis_samples(pool, seen, rng):
         dom = DOMAINS[c.domain]
         kind, q = rng.choice(("rl", "open", "closed")), rng.choice(EVAL_QUESTIONS).format(noun=dom.noun)
         if kind == "rl":
-            prompt = rl_prompt(f"<image> Based on this image, what {dom.kind} of {dom.noun} is shown?")
+            prompt = rl_prompt(f"<image> {dom.rl_question}")
         elif kind == "open":
             prompt = open_prompt(q)
         else:
@@ -499,7 +504,7 @@ def tokenizer_corpus():
     for d, dom in DOMAINS.items():
         classes = make_classes(d, 16)
         texts += [q.format(noun=dom.noun) for q in EVAL_QUESTIONS + CAPTION_QUESTIONS]
-        texts.append(f"Based on this image, what {dom.kind} of {dom.noun} is shown?")
+        texts.append(dom.rl_question)
         texts += list(dom.vqa.values())
         for c in classes:
             texts += [caption(c), caption(c, False), analysis(c), analysis(c, False),
@@ -706,7 +711,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
         seen, unseen = split_classes(classes, seed, seen_frac)
         assert len(seen) >= 2, f"{d}: need at least 2 seen classes (a triplet's negative is another seen class)"
         meta["domains"][d] = {
-            "noun": dom.noun, "question": f"Based on this image, what {dom.kind} of {dom.noun} is shown?",
+            "noun": dom.noun, "question": dom.rl_question,
             "attributes": {k: list(v) for k, v in dom.attributes},
             "classes": [{"name": c.name, "attributes": c.a, "split": "seen" if c in seen else "unseen",
                          "description": description(c)} for c in classes],
