@@ -309,13 +309,13 @@ def _sft_step(args):
     import statistics
     from pathlib import Path
     import distributed
-    import sft
+    import supervised
     from policy import load_policy
     dist = distributed.setup("cpu")
     model, processor = load_policy(args.preset, seed=0)
-    samples = sft.load_mixture(str(Path(args.world) / "cot_sft.json"))
-    prompt_lens, resp_ids, _ = sft.tokenize(samples, processor, None, 4096)
-    keys = sft.grouping_keys(prompt_lens, resp_ids)
+    samples = supervised.load_mixture(str(Path(args.world) / "cot_sft.json"))
+    prompt_lens, resp_ids, _ = supervised.tokenize(samples, processor, None, 4096)
+    keys = supervised.grouping_keys(prompt_lens, resp_ids)
     model = distributed.wrap(model, "ddp" if dist.world > 1 else "none", dist)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -324,10 +324,10 @@ def _sft_step(args):
     times = []
     for _ in range(args.steps + 1):  # the first step warms up and is not counted
         t0 = time.perf_counter()
-        plan = sft.rank_micro_batches(batch, keys, args.micro, dist.world)
-        mbs = [(sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb, None, dist.device), 1.0)
+        plan = supervised.rank_micro_batches(batch, keys, args.micro, dist.world)
+        mbs = [(supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb, None, dist.device), 1.0)
                for mb in plan[dist.rank]]
-        sft.forward_backward(model, mbs, n_step, dist.world)
+        supervised.forward_backward(model, mbs, n_step, dist.world)
         opt.step()
         opt.zero_grad(set_to_none=True)
         distributed.all_sum(0.0)  # collective: the step ends when the slowest rank is done
@@ -386,7 +386,7 @@ def _sft_mfu(args):
     import numpy as np
     from PIL import Image
     import distributed
-    import sft
+    import supervised
     import training
     from data import encode_pairs
     from policy import load_policy
@@ -419,7 +419,7 @@ def _sft_mfu(args):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        sft.forward_backward(model, [(batch, 1.0)], n_step, dist.world, autocast or contextlib.nullcontext)
+        supervised.forward_backward(model, [(batch, 1.0)], n_step, dist.world, autocast or contextlib.nullcontext)
         training.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -449,7 +449,7 @@ def _torchrun(nproc, args, threads):
 
 
 def bench_sft(args):
-    import sft
+    import supervised
     from policy import load_policy
     world = _sft_world(args.world)
     cores = args.threads or os.cpu_count() or 1
@@ -464,18 +464,18 @@ def bench_sft(args):
 
     # padding: one epoch plan (3 epochs) of the pretraining + CoT mixture, micro-batches of --micro
     _, processor = load_policy(args.preset)
-    samples = sft.load_mixture(f"{world / 'pretrain.json'},{world / 'cot_sft.json'}")
-    prompt_lens, resp_ids, _ = sft.tokenize(samples, processor, None, 4096)
+    samples = supervised.load_mixture(f"{world / 'pretrain.json'},{world / 'cot_sft.json'}")
+    prompt_lens, resp_ids, _ = supervised.tokenize(samples, processor, None, 4096)
     pad = {}
-    keys = sft.grouping_keys(prompt_lens, resp_ids)
+    keys = supervised.grouping_keys(prompt_lens, resp_ids)
     hf_keys = [p + len(r) for p, r in zip(prompt_lens, resp_ids)]  # HF's key: total length
     for name, k, group_batches, group_micro in (("grouped", keys, False, True), ("global", keys, True, True),
                                                 ("global_hf_key", hf_keys, True, True), ("random", keys, False, False)):
         real = padded = 0
         for epoch in range(3):
-            for b in sft.epoch_batches(k, 32, 0, epoch, group_batches):
-                for mb in sft.rank_micro_batches(b, k, args.micro, 1, group_micro)[0]:
-                    r, p = sft.micro_batch_cost(mb, prompt_lens, resp_ids)
+            for b in supervised.epoch_batches(k, 32, 0, epoch, group_batches):
+                for mb in supervised.rank_micro_batches(b, k, args.micro, 1, group_micro)[0]:
+                    r, p = supervised.micro_batch_cost(mb, prompt_lens, resp_ids)
                     real, padded = real + r, padded + p
         pad[name] = 1 - real / padded
     print(f"  padding, {len(samples)} pretrain + CoT samples, 3 epochs, batch 32, micro-batch {args.micro}: grouped "

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import distributed  # noqa: E402
-import sft  # noqa: E402
+import supervised  # noqa: E402
 from distributed import unwrap  # noqa: E402
 from policy import load_policy  # noqa: E402
 import training  # noqa: E402
@@ -36,11 +36,12 @@ def grads(model):
 
 
 def step_grads(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro, dist):
-    plan = sft.rank_micro_batches(batch, keys, micro, dist.world)
+    plan = supervised.rank_micro_batches(batch, keys, micro, dist.world)
     n_step = sum(len(resp_ids[i]) for i in batch)
-    mine = [(sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb or batch[:1], None, dist.device,
-                                    need_image=dist.world > 1), 1.0 if mb else 0.0) for mb in plan[dist.rank]]
-    sft.forward_backward(model, mine, n_step, dist.world)
+    mine = [(supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb or batch[:1], None,
+                                           dist.device, need_image=dist.world > 1), 1.0 if mb else 0.0)
+            for mb in plan[dist.rank]]
+    supervised.forward_backward(model, mine, n_step, dist.world)
     norm = training.clip_grad_norm(model, 0.0)
     g = grads(model)
     model.zero_grad(set_to_none=True)
@@ -57,9 +58,9 @@ def main():
     torch.set_num_threads(1)
     dist = distributed.setup("cpu")
     model, processor = load_policy("tiny", seed=0)
-    samples = sft.load_mixture(args.data)
-    prompt_lens, resp_ids, _ = sft.tokenize(samples, processor, None, 512)
-    keys = sft.grouping_keys(prompt_lens, resp_ids)
+    samples = supervised.load_mixture(args.data)
+    prompt_lens, resp_ids, _ = supervised.tokenize(samples, processor, None, 512)
+    keys = supervised.grouping_keys(prompt_lens, resp_ids)
     model = distributed.wrap(model, args.mode, dist)
     model.train()
     full, norm = step_grads(model, processor, samples, prompt_lens, resp_ids, keys, list(range(len(samples))),

@@ -15,7 +15,7 @@ LAYERS = [
     ("world",),
     ("presets",),
     ("policy",),
-    ("rollout", "training", "imagefolder"),
+    ("rollout", "training", "imagefolder", "supervised"),
     ("sft", "tapo", "eval", "bench"),
 ]
 LAYER = {m: i for i, ms in enumerate(LAYERS) for m in ms}

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 import sft
+import supervised
 import training
 from checkpoint import load_trainer_state, write_trainer_state
 from conftest import random_image
-from policy import load_policy, rope_positions
+from policy import load_policy, rope_positions, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWERS = [
@@ -56,8 +57,8 @@ def stage1(tmp_path_factory):
 
 def prepared(path, system=None):
     model, processor = load_policy("tiny", seed=0)
-    samples = sft.load_mixture(str(path))
-    prompt_lens, resp_ids, _ = sft.tokenize(samples, processor, system, 512)
+    samples = supervised.load_mixture(str(path))
+    prompt_lens, resp_ids, _ = supervised.tokenize(samples, processor, system, 512)
     return model, processor, samples, prompt_lens, resp_ids
 
 
@@ -73,11 +74,12 @@ def run(args, nproc=None):
 
 def step_grads(model, processor, samples, prompt_lens, resp_ids, micro, batch=None):
     """Gradient of one optimizer step over `batch` (default: every sample), one process."""
-    keys = sft.grouping_keys(prompt_lens, resp_ids)
+    keys = supervised.grouping_keys(prompt_lens, resp_ids)
     batch = list(range(len(samples))) if batch is None else batch
-    (plan,) = sft.rank_micro_batches(batch, keys, micro, world=1)
-    mbs = [(sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb, None, "cpu"), 1.0) for mb in plan]
-    nll = sft.forward_backward(model, mbs, sum(len(resp_ids[i]) for i in batch), world=1)
+    (plan,) = supervised.rank_micro_batches(batch, keys, micro, world=1)
+    mbs = [(supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb, None, "cpu"), 1.0)
+           for mb in plan]
+    nll = supervised.forward_backward(model, mbs, sum(len(resp_ids[i]) for i in batch), world=1)
     # a text-only step leaves the vision tower without gradient in one process (zero under 2 ranks)
     g = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -91,15 +93,15 @@ def test_only_assistant_tokens_carry_loss(stage1):
     model, processor, samples, prompt_lens, resp_ids = prepared(stage1, system=sft.SYSTEM_PROMPT_R1)
     tok = processor.tokenizer
     idxs = list(range(len(samples)))
-    batch = sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, sft.SYSTEM_PROMPT_R1, "cpu")
+    batch = supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, sft.SYSTEM_PROMPT_R1, "cpu")
     mask = batch["response_mask"]
     for row, i in enumerate(idxs):
         assert tok.decode(batch["input_ids"][row][mask[row]]) == samples[i].answer + "<|im_end|>"
     assert not (mask & (batch["mm_token_type_ids"] != 0)).any()  # no image token is scored
     n = int(mask.sum())
     with torch.no_grad():
-        lp = sft.token_logprobs(model, batch)
-        loss, _ = sft.sft_loss(lp, mask, n, world=1)
+        lp = token_logprobs(model, batch)
+        loss, _ = supervised.sft_loss(lp, mask, n, world=1)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=rope_positions(model, batch), pixel_values=batch["pixel_values"],
                        image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"]).logits
@@ -113,7 +115,7 @@ def test_prefix_sample_is_scored_without_end_of_turn(tmp_path):
     recs[0]["prefix"] = True
     (tmp_path / "p.json").write_text(json.dumps(recs))
     model, processor, samples, prompt_lens, resp_ids = prepared(tmp_path / "p.json")
-    batch = sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, [0, 1], None, "cpu")
+    batch = supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, [0, 1], None, "cpu")
     decode = [processor.tokenizer.decode(batch["input_ids"][r][batch["response_mask"][r]]) for r in range(2)]
     assert decode == [samples[0].answer, samples[1].answer + "<|im_end|>"]
 
@@ -128,8 +130,9 @@ def test_unscored_span_is_teacher_forced_but_carries_no_loss(tmp_path):
     (tmp_path / "u.json").write_text(json.dumps(recs))
     model, processor, samples, prompt_lens, resp_ids = prepared(tmp_path / "u.json")
     tok = processor.tokenizer
-    unscored = sft.unscored_positions(tok, samples, resp_ids)
-    batch = sft.encode_micro_batch(processor, samples, prompt_lens, resp_ids, [0], None, "cpu", unscored=unscored)
+    unscored = supervised.unscored_positions(tok, samples, resp_ids)
+    batch = supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, [0], None, "cpu",
+                                          unscored=unscored)
     P, ids, mask = batch["prompt_len"], batch["input_ids"][0], batch["response_mask"][0]
     assert tok.decode(ids[P:]) == answer + "<|im_end|>"
     assert tok.decode(ids[P:][~mask[P:]]).strip() == "plain"
@@ -226,7 +229,7 @@ def test_cosine_with_warmup_values():
 @pytest.mark.parametrize("n, micro, world", [(10, 4, 1), (10, 4, 2), (7, 2, 4), (1, 4, 2), (3, 1, 8)])
 def test_every_rank_gets_the_same_number_of_micro_batches(n, micro, world):
     """rank_micro_batches: same micro-batch count on every rank, each <= micro, every sample exactly once."""
-    plan = sft.rank_micro_batches(list(range(n)), list(range(10)), micro, world)
+    plan = supervised.rank_micro_batches(list(range(n)), list(range(10)), micro, world)
     assert len({len(r) for r in plan}) == 1
     assert sorted(i for r in plan for mb in r for i in mb) == list(range(n))
     assert all(len(mb) <= micro for r in plan for mb in r)
@@ -234,21 +237,21 @@ def test_every_rank_gets_the_same_number_of_micro_batches(n, micro, world):
 
 def test_epoch_batches_cover_every_sample_once():
     """One epoch's batches hold every sample exactly once."""
-    batches = sft.epoch_batches(list(range(10)), 4, seed=0, epoch=0)
+    batches = supervised.epoch_batches(list(range(10)), 4, seed=0, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(10))
 
 
 def test_mixture_weights_repeat_and_subsample(stage1):
     """--data PATH:2,PATH:0.5 gives two copies plus a seeded half of the file's samples."""
-    assert len(sft.load_mixture(f"{stage1}:2,{stage1}:0.5")) == 8 * 2 + 4
+    assert len(supervised.load_mixture(f"{stage1}:2,{stage1}:0.5")) == 8 * 2 + 4
 
 
 def test_pixel_budget_sets_the_prompt_length(stage1):
     """--max-pixels shrinks an image before the processor, so its prompt holds fewer image tokens."""
     _, processor = load_policy("tiny")
-    samples = [s for s in sft.load_mixture(str(stage1)) if s.image][:1]
-    full, _, _ = sft.tokenize(samples, processor, None, 4096)
-    capped, _, _ = sft.tokenize(samples, processor, None, 4096, pixels=(None, 56 * 56))
+    samples = [s for s in supervised.load_mixture(str(stage1)) if s.image][:1]
+    full, _, _ = supervised.tokenize(samples, processor, None, 4096)
+    capped, _, _ = supervised.tokenize(samples, processor, None, 4096, pixels=(None, 56 * 56))
     assert capped[0] < full[0]
 
 
