@@ -4,13 +4,14 @@
 # evaluated closed- and open-world, and CoT SFT and TAPO also sampled at temperature 1.0 (avg@8, closed world); then
 # mean ± std over seeds of every model and the four claims, checked ($ROOT/claims.md, $ROOT/claims.json; appended to
 # out/results.md). About 25 minutes per seed on 2 idle cores (4 of them the sampled evaluations; SAMPLED=0 skips).
-# Variants other than the paper's ablations (no_intra, no_inter, dapo) are reported beside them, not as claim 4.
-#   bash ablate.sh                                   # seeds 0 1 2, ablations no_intra no_inter
+# Variants other than the paper's ablations (no_intra, no_inter, dapo) are reported beside them, not as claim 4;
+# no_replay is the release's TAPO, without the world's replay term (README, deviations).
+#   bash ablate.sh                                   # seeds 0 1 2, ablations no_intra no_inter, and no_replay
 #   SEEDS="3 4" VARIANTS="no_intra no_inter dapo" bash ablate.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
-VARIANTS=${VARIANTS-"no_intra no_inter"}
+VARIANTS=${VARIANTS-"no_intra no_inter no_replay"}
 ROOT=${ROOT:-out/seeds}  # one folder per seed: $ROOT/seedS
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 declare -A FLAGS=(
@@ -21,6 +22,8 @@ declare -A FLAGS=(
   [reward_official]="--reward official"      # the release's substring reward (Δ10)
   [frozen_lm]="--freeze embeddings,mlp"      # only the vision side and the decoder's attention learn
   [sft_freeze]="--freeze vision,embeddings,mlp"  # only the decoder's attention and norms learn (the world SFT's freeze)
+  [no_replay]="--replay none --lr 2e-5"      # the release's TAPO, no replay of the base's corpus (world Δ), at the
+                                             # lr the world used without it
 )
 one_seed() {  # the main job and the ablations of seed $1, into $ROOT/seed$1
   local s=$1 O=$ROOT/seed$1

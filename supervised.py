@@ -1,9 +1,13 @@
-"""The supervised loss on Stage-1 samples: sft.py's data, batching and loss, in a module of their own.
+"""The supervised loss on Stage-1 samples, shared by sft.py (the whole stage) and tapo.py (`--replay`).
 
 A Stage-1 mixture -> exact token lengths -> global batches -> micro-batches, the same count on every rank ->
 teacher-forced NLL, normalised over every scored token of the optimizer step (all micro-batches, all ranks):
     L = -(1 / N_step) * sum_{scored assistant tokens t of the step} log pi(y_t | image, prompt, y_<t)
 sft.py documents the choices (batching, the lockstep filler, the optional `prefix` / `unscored` keys).
+
+`Replay` is TAPO's optional replay term (a world deviation, README Δ): each optimizer step of the RL stage also
+backpropagates coef x L on a batch of Stage-1 samples (the world: the base model's own corpus), the "pretraining
+mix" of InstructGPT's PPO-ptx, so that RL on seen classes does not wear away what the small model knows.
 """
 import contextlib
 import math
@@ -194,3 +198,50 @@ def forward_backward(model, micro_batches, n_step, world, autocast=contextlib.nu
             (loss * weight).backward()  # weight 0: a padding forward that keeps ranks in lockstep
         nll_sum += nll.double().cpu() * weight
     return nll_sum
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TAPO's replay term
+
+class Replay:
+    """Stage-1 samples replayed beside RL: `batch` samples (all ranks together) per optimizer step, trained with
+    coef x the step-normalised NLL above.
+
+    The k-th replay batch is a pure function of (seed, k): epoch k // n_batches of a seeded plain shuffle, so a
+    resumed run that passes the same k (tapo.py: RL step x mini-batches per step + mini-batch) replays exactly
+    what the uninterrupted run did, with no state to save. Every rank plans the whole batch (no communication)
+    and runs the same number of micro-batches (zero-weight copies where a rank has none).
+    """
+
+    def __init__(self, spec, processor, system, *, coef, batch, micro, max_length, pixels=(None, None),
+                 image_root=None, seed=0):
+        self.samples = load_mixture(spec, "cot", image_root, seed)  # DataError naming the file and record
+        if not self.samples:
+            raise DataError(f"--replay {spec}: no sample")
+        self.processor, self.system, self.pixels = processor, system, pixels
+        self.coef, self.batch, self.micro, self.seed = coef, min(batch, len(self.samples)), micro, seed
+        self.prompt_lens, self.resp_ids, self.truncated = tokenize(self.samples, processor, system, max_length, pixels)
+        self.unscored = unscored_positions(processor.tokenizer, self.samples, self.resp_ids)
+        self.keys = grouping_keys(self.prompt_lens, self.resp_ids)
+        self.n_batches = len(epoch_batches(self.keys, self.batch, seed, 0, group=False))
+        self._epoch = (None, None)
+
+    def indices(self, k):
+        """Sample indices of the k-th replay batch (k >= 0)."""
+        epoch, b = divmod(k, self.n_batches)
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, epoch_batches(self.keys, self.batch, self.seed, epoch, group=False))
+        return self._epoch[1][b]
+
+    def backward(self, model, k, device, rank, world, need_image=False):
+        """Accumulate coef x L of the k-th replay batch into the gradients. -> (this rank's summed NLL, N_step)."""
+        batch = self.indices(k)
+        plan = rank_micro_batches(batch, self.keys, self.micro, world)  # [rank][j] -> indices, same count per rank
+        n_step = max(1, sum(len(self.resp_ids[i]) - len(self.unscored.get(i, ())) for i in batch))
+        mine = [(encode_micro_batch(self.processor, self.samples, self.prompt_lens, self.resp_ids, mb or batch[:1],
+                                    self.system, device, need_image=need_image, pixels=self.pixels,
+                                    unscored=self.unscored), self.coef if mb else 0.0)
+                for mb in plan[rank]]
+        return float(forward_backward(model, mine, n_step, world)) / self.coef, n_step

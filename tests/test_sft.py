@@ -219,6 +219,32 @@ def test_malformed_stage1_file_names_the_record(stage1, tmp_path):
         sft.main(["--model", "tiny", "--data", str(bad), "--out", str(tmp_path / "x")])
 
 
+def test_replay_batches_cover_every_sample_once_per_epoch_and_depend_only_on_seed_and_k(stage1):
+    """TAPO's replay: batches k = 0 .. n-1 partition the samples, and batch k is the same for a fresh Replay
+    (what exact resume needs)."""
+    _, processor = load_policy("tiny", seed=0)
+    a, b = (supervised.Replay(str(stage1), processor, None, coef=1.0, batch=3, micro=2, max_length=512, seed=4)
+            for _ in range(2))
+    assert a.n_batches == 3
+    assert sorted(i for k in range(3) for i in a.indices(k)) == list(range(8))
+    assert [a.indices(k) for k in (7, 2, 5)] == [b.indices(k) for k in (7, 2, 5)]
+    assert a.indices(0) != a.indices(3) or a.indices(1) != a.indices(4)  # a new shuffle each epoch
+
+
+def test_replay_gradient_is_coef_times_the_sft_step_gradient(stage1):
+    """Replay.backward at coef 0.5, in micro-batches of 2, gives 0.5 x the gradient of one SFT step on its batch."""
+    model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
+    replay = supervised.Replay(str(stage1), processor, None, coef=0.5, batch=5, micro=2, max_length=512, seed=1)
+    model.zero_grad(set_to_none=True)
+    nll, n_step = replay.backward(model, 1, "cpu", rank=0, world=1)
+    got = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    want, want_nll = step_grads(model, processor, samples, prompt_lens, resp_ids, micro=5, batch=replay.indices(1))
+    assert n_step == sum(len(resp_ids[i]) for i in replay.indices(1)) and abs(nll - want_nll) < 1e-4
+    for k in want:
+        assert torch.allclose(got[k], 0.5 * want[k], atol=1e-7, rtol=1e-5), k
+
+
 def test_cosine_with_warmup_values():
     """lr multiplier: linear warmup from 0, then a cosine from 1 to 0 over the remaining steps (HF's schedule)."""
     assert sft.cosine_with_warmup(0, 4, 12) == 0.0 and sft.cosine_with_warmup(2, 4, 12) == 0.5

@@ -191,7 +191,7 @@ def test_non_finite_gradient_norm_skips_the_step(tiny, monkeypatch):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     monkeypatch.setattr(tapo.training, "clip_grad_norm", lambda model, max_norm: float("nan"))
-    _, _, updates, skipped = update(model, opt, samples, args, dist, pad)
+    _, _, updates, skipped, _ = update(model, opt, samples, args, dist, pad)
     model.zero_grad(set_to_none=True)
     assert (updates, skipped) == (0, 1)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
@@ -217,3 +217,18 @@ def test_overlong_prompts_are_skipped_and_counted(tiny, tmp_path):
     args = SimpleNamespace(min_pixels=0, max_pixels=0, max_prompt_length=200)
     keep, skipped = within_prompt_cap(rows, proc, None, args)
     assert [r.image for r in keep] == [str(tmp_path / "small.png")] and skipped == 1
+
+
+def test_replay_none_turns_off_the_world_profiles_replay(tmp_path):
+    """`--defaults world` replays the world's corpus (files read from the --data folder); `--replay none` turns
+    it off whatever the profile's weight, and the release profile has none."""
+    from tapo import get_args
+    for name in ("replay.json", "analysis_replay.json"):
+        (tmp_path / name).write_text("[]")
+    common = ["--model", "tiny", "--data", str(tmp_path), "--defaults"]
+    world = get_args(common + ["world"])
+    assert world.replay_coef > 0 and world.replay.startswith(str(tmp_path / "replay.json") + ":")
+    off = get_args(common + ["world", "--replay", "none"])
+    assert (off.replay, off.replay_coef) == (None, 0.0)
+    release = get_args(common + ["release"])
+    assert (release.replay, release.replay_coef) == (None, 0.0)

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--max-new-tokens", "12", "--rollout-batch", "2", "--update-batch", "1",
         "--n1", "2", "--n2", "2", "--max-retries", "1", "--micro-batch", "4", "--lr", "1e-3",
         "--min-pixels", "0", "--max-pixels", "0"]
+REPLAY = ["--replay", "replay.json:0.2,analysis_replay.json:0.2", "--replay-coef", "0.5", "--replay-batch", "3"]
 
 
 def run(args, nproc=None, env_extra=None, timeout=400):
@@ -38,9 +39,12 @@ def test_tapo_smoke_two_steps(tiny_world, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
-def test_resume_continues_exactly(tiny_world, tmp_path):
-    """2 steps straight give the same weights as 1 step, --resume auto, then 1 more step (updates happen)."""
+@pytest.mark.parametrize("replay", [False, True])
+def test_resume_continues_exactly(tiny_world, tmp_path, replay):
+    """2 steps straight give the same weights as 1 step, --resume auto, then 1 more step (updates happen); with
+    the replay term as well (its batches follow the step count)."""
     common = ["tests/tapo_worker.py", "--data", str(tiny_world), "--save-every", "1"] + FAST
+    common += REPLAY if replay else []
     run(common + ["--out", str(tmp_path / "a"), "--max-steps", "2"], env_extra={"FAKE_REWARD": "all-alternate"})
     run(common + ["--out", str(tmp_path / "b"), "--max-steps", "1"], env_extra={"FAKE_REWARD": "all-alternate"})
     run(common + ["--out", str(tmp_path / "b"), "--max-steps", "2", "--resume", "auto"],
@@ -50,13 +54,29 @@ def test_resume_continues_exactly(tiny_world, tmp_path):
     b = load_file(tmp_path / "b" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["step"] for m in metrics(tmp_path / "b")] == [1, 2]
+    assert all((m["replay_nll"] is not None) == replay for m in metrics(tmp_path / "a"))
 
 
-def test_two_ranks_one_rank_all_filtered_does_not_hang(tiny_world, tmp_path):
-    """Under torchrun (gloo, 2 ranks), rank 1's groups are all filtered, rank 0's survive: the run completes."""
+def test_replay_needs_its_coefficient_and_names_a_missing_file(tiny_world, tmp_path):
+    """--replay without --replay-coef is refused at start; a replay file that does not exist is named."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "tapo.py", "--data", str(tiny_world), "--out", str(tmp_path / "x"), "--max-steps", "1"]
+    base += FAST
+    r = subprocess.run(base + ["--replay", "replay.json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "--replay FILES and --replay-coef > 0 go together" in r.stderr
+    r = subprocess.run(base + ["--replay", "nowhere.json", "--replay-coef", "1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "nowhere.json" in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_two_ranks_one_rank_all_filtered_does_not_hang(tiny_world, tmp_path, replay):
+    """Under torchrun (gloo, 2 ranks), rank 1's groups are all filtered, rank 0's survive: the run completes (with
+    the replay term too, whose text-only micro-batches must keep FSDP2's gathers in step)."""
     out = tmp_path / "dist"
     run(["tests/tapo_worker.py", "--data", str(tiny_world), "--out", str(out), "--max-steps", "2",
-         "--parallel", "fsdp"] + FAST + ["--update-batch", "2"], nproc=2)
+         "--parallel", "fsdp"] + FAST + ["--update-batch", "2"] + (REPLAY if replay else []), nproc=2)
     ms = metrics(out)
     assert len(ms) == 2 and all(m["updates"] >= 1 and m["kept"] >= 1 for m in ms)
 
