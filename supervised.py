@@ -216,10 +216,12 @@ class Replay:
     """
 
     def __init__(self, spec, processor, system, *, coef, batch, micro, max_length, pixels=(None, None),
-                 image_root=None, seed=0):
+                 image_root=None, seed=0, images_only=False):
         self.samples = load_mixture(spec, "cot", image_root, seed)  # DataError naming the file and record
+        if images_only:  # --freeze language: a text-only sample would reach no trainable parameter (as sft.py)
+            self.samples = [x for x in self.samples if x.image is not None]
         if not self.samples:
-            raise DataError(f"--replay {spec}: no sample")
+            raise DataError(f"--replay {spec}: no sample" + (" with an image" if images_only else ""))
         self.processor, self.system, self.pixels = processor, system, pixels
         self.coef, self.batch, self.micro, self.seed = coef, min(batch, len(self.samples)), micro, seed
         self.prompt_lens, self.resp_ids, self.truncated = tokenize(self.samples, processor, system, max_length, pixels)

@@ -618,7 +618,8 @@ def main(argv=None):
         try:
             replay = Replay(args.replay, processor, system, coef=args.replay_coef, batch=args.replay_batch,
                             micro=args.micro_batch, max_length=args.max_prompt_length + args.max_new_tokens,
-                            pixels=(args.min_pixels, args.max_pixels), image_root=args.image_root, seed=args.seed)
+                            pixels=(args.min_pixels, args.max_pixels), image_root=args.image_root, seed=args.seed,
+                            images_only="language" in args.freeze)
         except DataError as e:
             raise SystemExit(f"tapo.py: bad --replay data: {e}") from None
         dist.print(f"replay: {len(replay.samples)} samples from {args.replay}, {replay.batch} per optimizer step "

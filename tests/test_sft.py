@@ -245,6 +245,16 @@ def test_replay_gradient_is_coef_times_the_sft_step_gradient(stage1):
         assert torch.allclose(got[k], 0.5 * want[k], atol=1e-7, rtol=1e-5), k
 
 
+def test_replay_under_a_frozen_language_side_keeps_only_image_samples(stage1):
+    """Replay(images_only=True) (tapo.py --freeze language) drops the text-only samples, which would reach no
+    trainable parameter; the others stay in order."""
+    _, processor = load_policy("tiny", seed=0)
+    both = [supervised.Replay(str(stage1), processor, None, coef=1.0, batch=4, micro=2, max_length=512,
+                              images_only=flag) for flag in (False, True)]
+    assert len(both[0].samples) == 8 and [s.source for s in both[1].samples] == \
+        [s.source for s in both[0].samples if s.image is not None] and len(both[1].samples) == 6
+
+
 def test_cosine_with_warmup_values():
     """lr multiplier: linear warmup from 0, then a cosine from 1 to 0 over the remaining steps (HF's schedule)."""
     assert sft.cosine_with_warmup(0, 4, 12) == 0.0 and sft.cosine_with_warmup(2, 4, 12) == 0.5
