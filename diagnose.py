@@ -12,8 +12,11 @@ parts back and checks them against the class table of world.json:
     colours right      the same with the pattern words left out (what the base model's captions mostly state)
     snaps to seen      of the wrong analyses, those that are exactly some SEEN class's description
     gt in candidates   the ground truth is among the candidates (given a right analysis)
+    cands = options    closed world: the candidates are the prompt's options (as a set; the world's rationales copy
+                       them, so a seen name in place of an unseen option shows here)
     lookup consistent  the predicted class's description equals the stated analysis (the comparison's job)
     acc | analysis     accuracy of the answers whose analysis is right
+    answer = pred.     the <answer> repeats the rationale's own "Prediction" (a copy the tiny model can miss)
 An answer without a visual analysis (the base model's short "<think> The bird has A. </think>") is read for its
 stated attributes only ("colours right" counts it; the other columns do not). Every figure is a count over the
 answers of that split and decoding, so greedy (1 per item) and sampled (K per item) rows differ in size.
@@ -85,6 +88,10 @@ def anatomy(records, classes, patterns):
             c["correct|right"] += bool(r["correct"])
         pred = classes.get(p["prediction"])
         c["lookup_consistent"] += pred is not None and pred[0] == p["analysis"]
+        c["answer_is_prediction"] += p["prediction"] is not None and p["prediction"] == p["answer"]
+        if r.get("options"):
+            c["with_options"] += 1
+            c["candidates_are_options"] += set(p["candidates"]) == set(r["options"])
     return out
 
 
@@ -100,13 +107,15 @@ def table(name, counts):
         rows.append(f"| {name} | {split} | {kind} | {frac(c['correct'], c['answers'])} | "
                     f"{frac(c['colours_right'], c['stated'])} | {frac(c['analysis_right'], c['rationales'])} | "
                     f"{frac(c['wrong_snaps_seen'], wrong)} | {frac(c['gt_in_candidates|right'], c['analysis_right'])} | "
-                    f"{frac(c['lookup_consistent'], c['rationales'])} | {frac(c['correct|right'], c['analysis_right'])} |")
+                    f"{frac(c['candidates_are_options'], c['with_options'])} | "
+                    f"{frac(c['lookup_consistent'], c['rationales'])} | {frac(c['correct|right'], c['analysis_right'])} | "
+                    f"{frac(c['answer_is_prediction'], c['rationales'])} |")
     return rows
 
 
 HEADER = ["| eval | split | decoding | correct | colours right (of stated) | analysis right (of rationales) | "
-          "wrong analyses that are a seen class | gt in candidates given a right analysis | lookup consistent | "
-          "acc given a right analysis |", "|---" * 10 + "|"]
+          "wrong analyses that are a seen class | gt in candidates given a right analysis | candidates = options | "
+          "lookup consistent | acc given a right analysis | answer = prediction |", "|---" * 12 + "|"]
 
 
 def read_items(folder, mode):

@@ -64,6 +64,22 @@ def test_anatomy_counts_snaps_lookup_and_decoding_apart(setup):
     assert (s["answers"], s["analysis_right"], s["lookup_consistent"], s["correct|right"]) == (1, 1, 0, 0)
 
 
+def test_counts_candidates_copying_the_options_and_answers_repeating_the_prediction(setup):
+    """A rationale whose candidates replace an option by another name, and whose answer is not its prediction."""
+    d, seen, unseen = setup
+    classes, patterns = diagnose.load_world(d)
+    u, opts = unseen[0], [unseen[0], seen[0], seen[1], seen[2]]
+    copied = world.rationale(u, [opts[2], opts[0], opts[3], opts[1]], "describe")  # the options in another order
+    swapped = world.rationale(u, [seen[3], opts[0], opts[3], opts[1]], "describe").replace(
+        f"<answer>{u.name}</answer>", f"<answer>{seen[3].name}</answer>")
+    recs = [dict(record(u, t, "unseen", ok), options=[o.name for o in opts]) for t, ok in ((copied, True),
+                                                                                         (swapped, False))]
+    recs.append(record(u, copied, "unseen", True))  # no options (an open-world record): not in the first count
+    g = diagnose.anatomy(recs, classes, patterns)[("unseen", "greedy")]
+    assert (g["with_options"], g["candidates_are_options"]) == (2, 1)
+    assert (g["rationales"], g["answer_is_prediction"]) == (3, 2)
+
+
 def test_colours_right_ignores_the_pattern(setup):
     d, seen, _ = setup
     classes, patterns = diagnose.load_world(d)
