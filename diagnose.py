@@ -104,12 +104,12 @@ def table(name, counts):
     rows = []
     for (split, kind), c in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] != "greedy", kv[0][1])):
         wrong = c["rationales"] - c["analysis_right"]
-        rows.append(f"| {name} | {split} | {kind} | {frac(c['correct'], c['answers'])} | "
-                    f"{frac(c['colours_right'], c['stated'])} | {frac(c['analysis_right'], c['rationales'])} | "
-                    f"{frac(c['wrong_snaps_seen'], wrong)} | {frac(c['gt_in_candidates|right'], c['analysis_right'])} | "
-                    f"{frac(c['candidates_are_options'], c['with_options'])} | "
-                    f"{frac(c['lookup_consistent'], c['rationales'])} | {frac(c['correct|right'], c['analysis_right'])} | "
-                    f"{frac(c['answer_is_prediction'], c['rationales'])} |")
+        cells = [frac(c["correct"], c["answers"]), frac(c["colours_right"], c["stated"]),
+                 frac(c["analysis_right"], c["rationales"]), frac(c["wrong_snaps_seen"], wrong),
+                 frac(c["gt_in_candidates|right"], c["analysis_right"]),
+                 frac(c["candidates_are_options"], c["with_options"]), frac(c["lookup_consistent"], c["rationales"]),
+                 frac(c["correct|right"], c["analysis_right"]), frac(c["answer_is_prediction"], c["rationales"])]
+        rows.append(f"| {name} | {split} | {kind} | " + " | ".join(cells) + " |")
     return rows
 
 
