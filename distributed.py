@@ -111,6 +111,12 @@ def uses_fsdp(model):
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
+# FSDP2's reshard-after-forward per unit of `wrap` (its own defaults, written out because rollout.gathered turns it
+# off for a rollout phase and sets these back): a decoder layer or the vision tower is gathered again in backward;
+# the root keeps its parameters (backward needs them at once)
+RESHARD_AFTER_FORWARD = {"unit": True, "root": False}
+
+
 def wrap(model, mode, dist, mixed_precision=None):
     """Wrap a HF Qwen2.5-VL model for data-parallel training.
 
@@ -128,10 +134,11 @@ def wrap(model, mode, dist, mixed_precision=None):
             mixed_precision = dist.device.type == "cuda"
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
             else MixedPrecisionPolicy()
+        unit, root = RESHARD_AFTER_FORWARD["unit"], RESHARD_AFTER_FORWARD["root"]
         for layer in model.model.language_model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model.model.visual, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(layer, mp_policy=mp, reshard_after_forward=unit)
+        fully_shard(model.model.visual, mp_policy=mp, reshard_after_forward=unit)
+        fully_shard(model, mp_policy=mp, reshard_after_forward=root)
         return model
     raise ValueError(f"unknown parallel mode {mode!r}: none | ddp | fsdp")
 

@@ -53,8 +53,9 @@ Deviations / limits
    tower only when it runs); a mixed call raises instead of hanging. Gathered, any mix works.
 4. The decode step is eager PyTorch (no CUDA graphs / torch.compile): on a GPU a small model is bound by
    kernel launches, not by the work saved here.
-5. `gathered` reads and restores two private FSDP2 fields (each unit's post-forward mesh, the root's
-   "auto" flag) so that training afterwards reshards exactly as `fully_shard` set it up (torch 2.13).
+5. `gathered` uses only FSDP2's public `set_reshard_after_forward`: on exit it sets each unit back to
+   `distributed.wrap`'s setting (distributed.RESHARD_AFTER_FORWARD), so a model sharded with other settings
+   comes out of a rollout phase with wrap's (tested: training after a phase makes the same collectives).
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface
 
-from distributed import all_any, all_sum, unwrap
+from distributed import RESHARD_AFTER_FORWARD, all_any, all_sum, unwrap
 from policy import rope_positions
 
 COMPACT_FRACTION = 4  # compact once >= 1/4 of the cache rows are finished
@@ -231,30 +232,28 @@ def gathered(model, enabled=True):
         with rollout.gathered(model, enabled=not args.rollout_sharded):
             ro = rollout.generate(model, ...)   # no collective per decode step; ranks stop independently
 
-    On enter: `unshard()` each FSDP unit (one all-gather each, in the MixedPrecisionPolicy's param_dtype) with
-    reshard-after-forward off; forwards then find their parameters gathered and keep them. On exit: restore
-    each unit's reshard-after-forward and `reshard()` (frees the gathered copies). A no-op without FSDP2 (DDP,
-    single process) or with enabled=False (models that do not fit gathered: the sharded, lockstep path).
-    Only forward passes belong inside: there is no gradient reduction for gathered parameters.
+    On enter: reshard-after-forward off for every unit, then `unshard()` each (one all-gather each, in the
+    MixedPrecisionPolicy's param_dtype); forwards then find their parameters gathered and keep them. On exit:
+    each unit's reshard-after-forward back to `distributed.wrap`'s (the decoder layers and the vision tower
+    reshard, the root does not) and `reshard()` (frees the gathered copies). Public FSDP2 API only
+    (`set_reshard_after_forward`, the switch its docs give for evals); a model sharded with other settings than
+    `distributed.wrap`'s gets wrap's back. A no-op without FSDP2 (DDP, single process) or with enabled=False
+    (models that do not fit gathered: the sharded, lockstep path). Only forward passes belong inside: there
+    is no gradient reduction for gathered parameters.
     """
     units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]  # root first
     if not enabled or not units:
         yield model
         return
-    states = [u._get_fsdp_state() for u in units]
-    states[0]._lazy_init()  # note: fix the root now (FSDP2 does it at the first forward) so its settings save
-    saved = [(s, s._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in s._fsdp_param_groups])
-             for s in states]
     units[0].set_reshard_after_forward(False)  # recursive: every unit keeps its parameters after forward
     for u in units:
         u.unshard()  # collective: one all-gather per unit, the only parameter traffic of the phase
     try:
         yield model
     finally:
-        for s, auto, groups in saved:
-            s._auto_reshard_after_forward = auto
-            for g, mesh in groups:
-                g.post_forward_mesh_info = mesh
+        units[0].set_reshard_after_forward(RESHARD_AFTER_FORWARD["root"], recurse=False)
+        for u in units[1:]:
+            u.set_reshard_after_forward(RESHARD_AFTER_FORWARD["unit"], recurse=False)
         for u in units:
             u.reshard()  # local: drop the gathered copies, point the module at its shards again
 
