@@ -149,9 +149,17 @@ def unwrap(model):
 
 
 def set_gradient_checkpointing(model, on):
-    """Recompute each decoder layer's activations in backward (saves memory, costs ~30% more compute)."""
+    """Recompute each decoder layer's activations in backward (saves memory, costs ~30% more compute).
+    transformers 5.x calls it activation checkpointing (the old names warn); earlier versions have only those."""
     hf = unwrap(model)
+    new = hasattr(type(hf), "activation_checkpointing_enable")
     if on:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(hf, "is_gradient_checkpointing", False):
+        kwargs = {"use_reentrant": False}
+        if new:
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif new and hf.is_activation_checkpointing:
+        hf.activation_checkpointing_disable()
+    elif not new and getattr(hf, "is_gradient_checkpointing", False):
         hf.gradient_checkpointing_disable()

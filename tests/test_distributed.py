@@ -46,3 +46,34 @@ def test_two_rank_step_equals_single_process(mode, reference, tmp_path):
         sd = m.state_dict()
         for k in reference:
             torch.testing.assert_close(sd[k], got[k], atol=0, rtol=0, msg=k)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_turns_off():
+    """distributed.set_gradient_checkpointing recomputes in backward: same loss and gradients as without, no
+    deprecation warning on transformers 5 (FutureWarning raised as an error), and off again when asked."""
+    import warnings
+
+    import distributed
+    import presets
+    model, _ = presets.build_preset("tiny", seed=0)
+    model.train()
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        distributed.set_gradient_checkpointing(model, True)
+        assert model.is_activation_checkpointing
+        loss, got = grads()
+        distributed.set_gradient_checkpointing(model, False)
+    assert not model.is_activation_checkpointing
+    torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5, msg=k)
