@@ -54,6 +54,8 @@ mkdir -p "$OUT"
 W=$OUT/world
 
 stage world      $W/world.json           python world.py --out $W --seed "$SEED" ${WORLD_FLAGS:-}
+# a world folder left by a run with another seed or other world flags would be reused, with every stage after it
+python world.py --check --out $W --seed "$SEED" ${WORLD_FLAGS:-}
 stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --variant pretrain --model ${PRESET:-tiny} --data $W --out $OUT/base --seed "$SEED" \
                                            --epochs ${BASE_EPOCHS:-5}
 # CoT SFT and its answer-only baseline: the same images, prompts and lr, each with a replay of half of

@@ -673,8 +673,10 @@ def _dump_jsonl(path, rows):
 def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, captions=20, vqa=0,
              knowledge_repeats=6, seen_frac=0.6, name_frac=0.3, name_noise=(0.1, 0.05, 0.05), pattern_frac=0.3,
              instruct_per_image=1, instruct_name_frac=0.4, quizzes=16, quiz_cot=1.0, comparison="describe",
-             closed_option_sets=6, domains=tuple(DOMAINS), workers=2, verbose=False):
-    """Write the world into `out_dir` (see the module docstring for the files) and return its Path."""
+             closed_option_sets=6, domains=tuple(DOMAINS), workers=2, verbose=False, check=False):
+    """Write the world into `out_dir` (see the module docstring for the files) and return its Path.
+    check=True writes nothing and returns what differs between the world already in `out_dir` (its world.json)
+    and the one these arguments would write: version, seed, sizes, domains ([] when it is that world)."""
     t0 = time.time()
     out = Path(out_dir)
     assert shots >= 2, "shots must be >= 2: a triplet's positive is another training image of the class"
@@ -683,10 +685,6 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
     assert closed_option_sets >= 1, f"closed_option_sets must be >= 1, got {closed_option_sets}"
     assert 0.0 <= quiz_cot <= 1.0, f"quiz_cot must be in [0, 1], got {quiz_cot}"
     assert comparison in ("difference", "describe"), f"comparison must be difference or describe, got {comparison}"
-    if (out / "world.json").exists() and (out / "images").is_dir():
-        shutil.rmtree(out / "images")  # a previous world: stale images would survive otherwise
-    out.mkdir(parents=True, exist_ok=True)
-
     jobs, meta = [], {"generator": "world.py", "version": VERSION, "seed": seed,
                       "sizes": dict(classes_per_domain=classes_per_domain, shots=shots,
                                     test_per_class=test_per_class, captions=captions, vqa=vqa,
@@ -696,6 +694,24 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
                                     quizzes=quizzes, comparison=comparison,
                                     closed_option_sets=closed_option_sets, quiz_cot=quiz_cot),
                       "image_size": SIZE, "colours": COLOURS, "patterns": list(PATTERNS), "domains": {}}
+    if check:  # compare, write nothing
+        path = out / "world.json"
+        if not path.exists():
+            return [f"{path}: no world here"]
+        try:
+            have = json.loads(path.read_text())
+        except ValueError as e:
+            return [f"{path}: not JSON ({e})"]
+        want = dict(version=VERSION, seed=seed, sizes=meta["sizes"], domains=list(domains))
+        have = dict(version=have.get("version"), seed=have.get("seed"), sizes=have.get("sizes"),
+                    domains=list(have.get("domains", {})))
+        diffs = [f"{k}: {have[k]} here, {want[k]} asked" for k in ("version", "seed", "domains") if have[k] != want[k]]
+        diffs += [f"{k}: {(have['sizes'] or {}).get(k)} here, {v} asked" for k, v in want["sizes"].items()
+                  if (have["sizes"] or {}).get(k) != v]
+        return diffs
+    if (out / "world.json").exists() and (out / "images").is_dir():
+        shutil.rmtree(out / "images")  # a previous world: stale images would survive otherwise
+    out.mkdir(parents=True, exist_ok=True)
     pretrain, cot, nocot, rl, analysis_replay = [], [], [], [], []
     evals = {}
 
@@ -872,6 +888,9 @@ def main():
     p.add_argument("--out", required=True, help="world folder to write (the image root of every file)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, images and texts")
     p.add_argument("--preview", action="store_true", help="also write preview_DOMAIN.png contact sheets")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing: exit 0 if --out already holds the world these flags write (version, seed, "
+                        "sizes, domains), else exit 2 naming what differs (run.sh's guard against a stale folder)")
     # Sizes
     p.add_argument("--classes-per-domain", type=int, default=16, help="classes per domain (60%% seen)")
     p.add_argument("--seen-frac", type=float, default=0.6, help="fraction of seen classes (paper: 60%%)")
@@ -910,14 +929,20 @@ def main():
         p.error(f"--closed-option-sets must be >= 1, got {args.closed_option_sets}")
     if not 0.0 <= args.quiz_cot <= 1.0:
         p.error(f"--quiz-cot must be in [0, 1], got {args.quiz_cot}")
-    out = generate(args.out, seed=args.seed, classes_per_domain=args.classes_per_domain, shots=args.shots,
-                   test_per_class=args.test_per_class, captions=args.captions, vqa=args.vqa,
-                   knowledge_repeats=args.knowledge_repeats, seen_frac=args.seen_frac, name_frac=args.name_frac,
-                   name_noise=tuple(args.name_noise), pattern_frac=args.pattern_frac,
-                   instruct_per_image=args.instruct_per_image, instruct_name_frac=args.instruct_name_frac,
-                   quizzes=args.quizzes, quiz_cot=args.quiz_cot, comparison=args.comparison,
-                   closed_option_sets=args.closed_option_sets,
-                   domains=tuple(args.domains), workers=args.workers, verbose=True)
+    run = dict(seed=args.seed, classes_per_domain=args.classes_per_domain, shots=args.shots,
+               test_per_class=args.test_per_class, captions=args.captions, vqa=args.vqa,
+               knowledge_repeats=args.knowledge_repeats, seen_frac=args.seen_frac, name_frac=args.name_frac,
+               name_noise=tuple(args.name_noise), pattern_frac=args.pattern_frac,
+               instruct_per_image=args.instruct_per_image, instruct_name_frac=args.instruct_name_frac,
+               quizzes=args.quizzes, quiz_cot=args.quiz_cot, comparison=args.comparison,
+               closed_option_sets=args.closed_option_sets, domains=tuple(args.domains), workers=args.workers)
+    if args.check:
+        diffs = generate(args.out, check=True, **run)
+        if diffs:
+            p.exit(2, f"world.py: {args.out} holds another world than the one asked for: " + "; ".join(diffs) +
+                   " (use another output folder, or delete this one to regenerate it)\n")
+        return
+    out = generate(args.out, verbose=True, **run)
     if args.preview:
         for path in preview(out):
             print(f"preview: {path}")

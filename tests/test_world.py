@@ -2,6 +2,7 @@
 import ast
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -417,3 +418,23 @@ def test_cli_writes_a_world(tmp_path):
                    check=True, capture_output=True, cwd=ROOT)
     assert {"world.json", "pretrain.json", "cot_sft.json", "sft_nocot.json", "rl_train.jsonl",
             "bird_seen.jsonl", "bird_unseen.jsonl"} <= {p.name for p in out.iterdir()}
+
+
+def test_check_accepts_its_own_world_names_what_differs_and_writes_nothing(small):
+    """generate(check=True): [] for the arguments that made the world, one line per difference otherwise."""
+    before = tree_digest(small)
+    assert world.generate(small, seed=3, check=True, **SMALL) == []
+    diffs = world.generate(small, seed=4, check=True, **dict(SMALL, pattern_frac=0.6))
+    assert diffs == ["seed: 3 here, 4 asked", "pattern_frac: 0.3 here, 0.6 asked"]
+    assert world.generate(small.parent / "none", seed=3, check=True, **SMALL)[0].endswith("no world here")
+    assert tree_digest(small) == before and not (small.parent / "none").exists()
+
+
+def test_run_sh_stops_on_a_world_folder_of_another_seed(small, tmp_path):
+    """run.sh reuses a stage's output when it exists; a world of another seed stops it before any training."""
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "world.json").write_text((small / "world.json").read_text())  # seed 3, SMALL sizes
+    r = subprocess.run(["bash", str(ROOT / "run.sh")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, SEED="0", OUT=str(tmp_path)))
+    assert r.returncode != 0 and "seed: 3 here, 0 asked" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]
