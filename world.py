@@ -670,6 +670,22 @@ def _dump_jsonl(path, rows):
     Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+def differences(path, want):
+    """What differs between the world.json at `path` and `want` (version, seed, sizes, domains): one line each."""
+    path = Path(path)
+    if not path.exists():
+        return [f"{path}: no world here"]
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        return [f"{path}: not JSON ({e})"]
+    have = dict(version=meta.get("version"), seed=meta.get("seed"), sizes=meta.get("sizes") or {},
+                domains=list(meta.get("domains", {})))
+    diffs = [f"{k}: {have[k]} here, {want[k]} asked" for k in ("version", "seed", "domains") if have[k] != want[k]]
+    return diffs + [f"{k}: {have['sizes'].get(k)} here, {v} asked" for k, v in want["sizes"].items()
+                    if have["sizes"].get(k) != v]
+
+
 def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, captions=20, vqa=0,
              knowledge_repeats=6, seen_frac=0.6, name_frac=0.3, name_noise=(0.1, 0.05, 0.05), pattern_frac=0.3,
              instruct_per_image=1, instruct_name_frac=0.4, quizzes=16, quiz_cot=1.0, comparison="describe",
@@ -695,20 +711,8 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
                                     closed_option_sets=closed_option_sets, quiz_cot=quiz_cot),
                       "image_size": SIZE, "colours": COLOURS, "patterns": list(PATTERNS), "domains": {}}
     if check:  # compare, write nothing
-        path = out / "world.json"
-        if not path.exists():
-            return [f"{path}: no world here"]
-        try:
-            have = json.loads(path.read_text())
-        except ValueError as e:
-            return [f"{path}: not JSON ({e})"]
-        want = dict(version=VERSION, seed=seed, sizes=meta["sizes"], domains=list(domains))
-        have = dict(version=have.get("version"), seed=have.get("seed"), sizes=have.get("sizes"),
-                    domains=list(have.get("domains", {})))
-        diffs = [f"{k}: {have[k]} here, {want[k]} asked" for k in ("version", "seed", "domains") if have[k] != want[k]]
-        diffs += [f"{k}: {(have['sizes'] or {}).get(k)} here, {v} asked" for k, v in want["sizes"].items()
-                  if (have["sizes"] or {}).get(k) != v]
-        return diffs
+        return differences(out / "world.json", dict(version=VERSION, seed=seed, sizes=meta["sizes"],
+                                                     domains=list(domains)))
     if (out / "world.json").exists() and (out / "images").is_dir():
         shutil.rmtree(out / "images")  # a previous world: stale images would survive otherwise
     out.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,14 @@
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+import distributed
+import presets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,10 +55,6 @@ def test_two_rank_step_equals_single_process(mode, reference, tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients_and_turns_off():
     """distributed.set_gradient_checkpointing recomputes in backward: same loss and gradients as without, no
     deprecation warning on transformers 5 (FutureWarning raised as an error), and off again when asked."""
-    import warnings
-
-    import distributed
-    import presets
     model, _ = presets.build_preset("tiny", seed=0)
     model.train()
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
