@@ -7,10 +7,6 @@ import pickle
 import random
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +18,7 @@ from safetensors.torch import load_file
 import checkpoint
 from checkpoint import (CheckpointError, load_trainer_state, newest_checkpoint, resume_checkpoint, rng_state,
                         save_checkpoint, set_rng_state, verify_checkpoint)
+from launch import Ranks
 
 
 def trained_optimizer():
@@ -233,50 +230,14 @@ def test_damaged_newest_falls_back_with_a_warning(tiny, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # 2-rank runs (gloo): FSDP2 before the first step, SIGKILL at a random moment, determinism
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--max-new-tokens", "12", "--rollout-batch", "2", "--update-batch", "2",
         "--n1", "2", "--n2", "2", "--max-retries", "1", "--micro-batch", "4", "--lr", "1e-3",
         "--min-pixels", "0", "--max-pixels", "0"]
 
 
-class Ranks:
-    """`nproc` ranks started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_PORT, ...), all in one
-    process group, so that one SIGKILL reaches every rank at the same moment.
-    note: not torchrun itself: it puts each worker in a session of its own, where killing torchrun's group
-    would leave the workers running."""
-
-    def __init__(self, args, nproc=2, env_extra=None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = dict(os.environ, OMP_NUM_THREADS="1", FAKE_REWARD="all-alternate", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), **(env_extra or {}))
-        self.procs, self.logs = [], [tempfile.TemporaryFile("w+") for _ in range(nproc)]
-        for rank in range(nproc):
-            pgid = self.procs[0].pid if self.procs else 0
-            self.procs.append(subprocess.Popen(
-                [sys.executable] + args, cwd=ROOT, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                stdout=self.logs[rank], stderr=subprocess.STDOUT, text=True,
-                process_group=pgid))  # rank 0 leads a new group, the others join it
-
-    def running(self):
-        return all(p.poll() is None for p in self.procs)
-
-    def kill(self):
-        os.killpg(self.procs[0].pid, signal.SIGKILL)
-        for p in self.procs:
-            p.wait()
-
-    def finish(self, timeout=300):
-        try:
-            for p in self.procs:
-                p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-        for p, log in zip(self.procs, self.logs):
-            log.seek(0)
-            assert p.returncode == 0, log.read()[-4000:]
+def two_ranks(args):
+    """2 ranks; in TAPO runs every rank's groups survive (tests/tapo_worker.py)."""
+    return Ranks(args, env_extra={"FAKE_REWARD": "all-alternate"})
 
 
 def weights(run):
@@ -290,13 +251,15 @@ def same(a, b):
 def kill_at_random_moment(args, out, rng, spread):
     """Start a 2-rank run; once step_2 is saved, SIGKILL every rank at a random moment within the next
     `spread` step times (the time between the step_1 and step_2 saves), so anywhere in a step or a save."""
-    p = Ranks(args)
+    p = two_ranks(args)
     t0, seen = time.time(), {}
     while len(seen) < 2:
         for k in (1, 2):
             if k not in seen and (Path(out) / f"step_{k}" / "manifest.json").exists():
                 seen[k] = time.time()
-        assert p.running() and time.time() - t0 < 300, "the run ended before its step_2 checkpoint"
+        if not p.running() or time.time() - t0 > 300:
+            p.finish(timeout=0)  # a failed or hung rank fails the test here, with every rank's log
+            pytest.fail("the run ended before its step_2 checkpoint")
         time.sleep(0.01)
     delay = rng.uniform(0.0, spread * (seen[2] - seen[1]))
     time.sleep(delay)
@@ -309,7 +272,7 @@ def kill_at_random_moment(args, out, rng, spread):
 def test_fsdp2_saves_before_the_first_step_and_resumes_exactly(tmp_path):
     """FSDP2 on 2 ranks: a save after a forward with no optimizer step works, and resuming from it or from a
     mid-run save gives weights bit-identical to the uninterrupted run."""
-    Ranks(["tests/ckpt_worker.py", "--out", str(tmp_path)]).finish()
+    two_ranks(["tests/ckpt_worker.py", "--out", str(tmp_path)]).finish()
     assert json.loads((tmp_path / "result.json").read_text()) == {
         "step_0": {"optimizer_saved": False, "identical": True}, "step_2": {"optimizer_saved": True, "identical": True}}
 
@@ -322,13 +285,13 @@ def tapo_args(world_dir, out, *extra):
 @pytest.fixture(scope="module")
 def tapo_reference(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("tapo_ref")
-    Ranks(tapo_args(tiny_world, out)).finish()
+    two_ranks(tapo_args(tiny_world, out)).finish()
     return out
 
 
 def test_two_identical_tapo_runs_give_identical_weights(tiny_world, tapo_reference, tmp_path):
     """Two identical 2-rank TAPO runs (5 steps, updates on every step) end with bit-identical weights."""
-    Ranks(tapo_args(tiny_world, tmp_path)).finish()
+    two_ranks(tapo_args(tiny_world, tmp_path)).finish()
     ms = [json.loads(x) for x in (tapo_reference / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in ms] == [1, 2, 3, 4, 5] and all(m["updates"] > 0 for m in ms)
     assert same(weights(tmp_path), weights(tapo_reference))
@@ -340,7 +303,7 @@ def test_two_rank_tapo_killed_at_a_random_moment_resumes_exactly(tiny_world, tap
     rng = random.Random()
     delay, left = kill_at_random_moment(tapo_args(tiny_world, tmp_path), tmp_path, rng, spread=1.5)
     print(f"tapo killed {delay:.2f} s after its step_2 checkpoint; left {left}")
-    Ranks(tapo_args(tiny_world, tmp_path, "--resume", "auto")).finish()
+    two_ranks(tapo_args(tiny_world, tmp_path, "--resume", "auto")).finish()
     assert same(weights(tmp_path), weights(tapo_reference)), f"killed {delay:.2f} s in, left {left}"
 
 
@@ -357,12 +320,12 @@ def test_two_rank_sft_killed_at_a_random_moment_resumes_exactly(tmp_path):
     data = tmp_path / "data" / "train.json"
     data.parent.mkdir()
     data.write_text(json.dumps(stage1_records(data.parent)))
-    ref = Ranks(sft_args(data, tmp_path / "ref"))
+    ref = two_ranks(sft_args(data, tmp_path / "ref"))
     rng = random.Random()
     delay, left = kill_at_random_moment(sft_args(data, tmp_path / "run"), tmp_path / "run", rng, spread=3.0)
     ref.finish()
     print(f"sft killed {delay:.2f} s after its step_2 checkpoint; left {left}")
-    Ranks(sft_args(data, tmp_path / "run", "--resume", "auto")).finish()
+    two_ranks(sft_args(data, tmp_path / "run", "--resume", "auto")).finish()
     assert same(weights(tmp_path / "run"), weights(tmp_path / "ref")), f"killed {delay:.2f} s in, left {left}"
 
 

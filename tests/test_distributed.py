@@ -1,29 +1,12 @@
 """Data-parallel training equals single-process training: DDP and FSDP2 under torchrun (gloo, CPU)."""
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import distributed
 import presets
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(args, nproc=None, env_extra=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    env.update(env_extra or {})
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                               "--master_port", str(29500 + os.getpid() % 1000)] if nproc else []) + args
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
+from launch import run
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):

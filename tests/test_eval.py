@@ -5,8 +5,6 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +15,7 @@ from PIL import Image, ImageStat
 import eval as ev
 import report
 from data import DataError, EvalItem
+from launch import run
 from reward import release_eval_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -508,12 +507,8 @@ def test_two_ranks_shard_pad_and_gather(tmp_path):
     (out / "items.jsonl").write_text("")  # a previous single-process log is read too
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(out)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + os.getpid() % 1000), str(worker), "--model", "fake", "--data", str(data), "--out", str(out),
-           "--micro-batch", "2", "--options-order", "release", "--mode", "closed"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run([worker, "--model", "fake", "--data", data, "--out", out, "--micro-batch", "2", "--options-order", "release",
+         "--mode", "closed"], nproc=2, timeout=240)
     calls = [json.loads((out / f"calls.rank{k}").read_text()) for k in (0, 1)]
     assert calls == [[2, 1], [2, 1]]
     keys = [json.loads(x)["key"] for k in (0, 1) for x in (out / f"items.rank{k}.jsonl").read_text().splitlines()]

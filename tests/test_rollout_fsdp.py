@@ -1,17 +1,15 @@
 """Rollouts on 2 ranks (gloo, one torchrun run shared by every test here): the FSDP2-sharded path (lockstep),
 the gathered path (rollout.gathered: one all-gather per unit per phase) and DDP, against each other, against a
 single process, and by the number of collectives each decode step makes (bench.CountCollectives)."""
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rollout_worker as W  # noqa: E402
+from launch import run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +23,7 @@ def got(sharp, tmp_path_factory):
     model, proc = sharp
     stop_ids = [int(t) for t in W.run(model, proc, [0], W.LONG, []).tokens[0, 6:8]]  # fire mid-rollout
     out = tmp_path_factory.mktemp("fsdp") / "got.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + os.getpid() % 1000), "tests/rollout_worker.py", "--out", str(out), "--stop"] + \
-        [str(s) for s in stop_ids]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run(["tests/rollout_worker.py", "--out", out, "--stop"] + stop_ids, nproc=2)
     return torch.load(out), stop_ids
 
 

@@ -1,10 +1,6 @@
 """sft.py: assistant-only loss, exact token normalisation over micro-batches and ranks, resume, CLI."""
 import argparse
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +11,9 @@ import supervised
 import training
 from checkpoint import load_trainer_state, write_trainer_state
 from conftest import random_image
+from launch import run
 from policy import load_policy, rope_positions, token_logprobs
 
-ROOT = Path(__file__).resolve().parents[1]
 ANSWERS = [
     "<think> Visual analysis: red head. Candidates: Vesper Finch, Garrow Wren. Prediction: Vesper Finch. </think>"
     "\n\n<answer>Vesper Finch</answer>",
@@ -60,16 +56,6 @@ def prepared(path, system=None):
     samples = supervised.load_mixture(str(path))
     prompt_lens, resp_ids, _ = supervised.tokenize(samples, processor, system, 512)
     return model, processor, samples, prompt_lens, resp_ids
-
-
-def run(args, nproc=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                               "--master_port", str(29600 + os.getpid() % 1000)] if nproc else []) + args
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 def step_grads(model, processor, samples, prompt_lens, resp_ids, micro, batch=None):

@@ -1,30 +1,18 @@
 """tapo.py end to end in subprocesses: smoke run, exact resume, and 2-rank lockstep when one rank's groups die."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from launch import run
 from policy import load_policy
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--max-new-tokens", "12", "--rollout-batch", "2", "--update-batch", "1",
         "--n1", "2", "--n2", "2", "--max-retries", "1", "--micro-batch", "4", "--lr", "1e-3",
         "--min-pixels", "0", "--max-pixels", "0"]
 REPLAY = ["--replay", "replay.json:0.2,analysis_replay.json:0.2", "--replay-coef", "0.5", "--replay-batch", "3"]
-
-
-def run(args, nproc=None, env_extra=None, timeout=400):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                               "--master_port", str(29600 + os.getpid() % 1000)] if nproc else []) + args
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 def metrics(out):
@@ -59,14 +47,10 @@ def test_resume_continues_exactly(tiny_world, tmp_path, replay):
 
 def test_replay_needs_its_coefficient_and_names_a_missing_file(tiny_world, tmp_path):
     """--replay without --replay-coef is refused at start; a replay file that does not exist is named."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    base = [sys.executable, "tapo.py", "--data", str(tiny_world), "--out", str(tmp_path / "x"), "--max-steps", "1"]
-    base += FAST
-    r = subprocess.run(base + ["--replay", "replay.json"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    base = ["tapo.py", "--data", tiny_world, "--out", tmp_path / "x", "--max-steps", "1"] + FAST
+    r = run(base + ["--replay", "replay.json"], ok=False)
     assert r.returncode != 0 and "--replay FILES and --replay-coef > 0 go together" in r.stderr
-    r = subprocess.run(base + ["--replay", "nowhere.json", "--replay-coef", "1"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = run(base + ["--replay", "nowhere.json", "--replay-coef", "1"], ok=False)
     assert r.returncode != 0 and "nowhere.json" in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
@@ -94,11 +78,8 @@ def test_retries_draw_full_batches_and_keep_unfiltered_quirk(tiny_world, tmp_pat
 
 def test_batch_not_divisible_by_ranks_is_refused(tiny_world, tmp_path):
     """A rollout batch that cannot split over the ranks stops at start with a message naming the flag."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29700 + os.getpid() % 1000), "tapo.py", "--data", str(tiny_world), "--out",
-                        str(tmp_path / "x"), "--max-steps", "1"] + FAST[:4] + ["--rollout-batch", "3", "--update-batch",
-                        "3"] + FAST[8:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = run(["tapo.py", "--data", tiny_world, "--out", tmp_path / "x", "--max-steps", "1"] + FAST[:4] +
+            ["--rollout-batch", "3", "--update-batch", "3"] + FAST[8:], nproc=2, ok=False)
     assert r.returncode != 0 and "--rollout-batch 3 is not a multiple of the 2 ranks" in r.stdout + r.stderr
 
 
