@@ -77,9 +77,8 @@ def bench_collectives(args):
     import tempfile
     out = os.path.join(tempfile.mkdtemp(), "got.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29700 + os.getpid() % 200), os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests",
-                                                        "rollout_worker.py"), "--out", out]
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "rollout_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, "--out", out]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"worker failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
@@ -440,8 +439,9 @@ def _sft_mfu(args):
 
 def _torchrun(nproc, args, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(29700 + os.getpid() % 200), __file__] + args
+    # --standalone: the rendezvous store binds a port the OS picks (no fixed port to collide on)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           __file__] + args
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(args[:1])} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
@@ -671,9 +671,8 @@ def bench_gpu(args):
     if not cuda:
         torch.set_num_threads(args.threads)
     if not torch.distributed.is_initialized():  # FSDP2 needs a process group, even of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29900 + os.getpid() % 90))
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+        store = torch.distributed.TCPStore("127.0.0.1", 0, 1, True)  # port 0: the OS picks a free one
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=store, rank=0, world_size=1)
     dist = distributed.Dist(0, 1, 0, dev)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak, bw = next((v for k, v in GPUS.items() if k in name), (None, None))
