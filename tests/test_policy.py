@@ -22,13 +22,17 @@ def test_presets_build_offline_and_deterministic(monkeypatch):
 
 
 def test_preset_sizes(tiny):
-    """tiny is well under 1M parameters; small is a few million; both are the real Qwen2.5-VL class."""
+    """tiny is well under 1M parameters, tiny4 (its 4-layer twin) about 1.2M, small a few million; all the real
+    Qwen2.5-VL class."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     model, _ = tiny
     assert isinstance(model, Qwen2_5_VLForConditionalGeneration)
     assert count_params(model) < 900_000
     small, _ = load_policy("small")
     assert 2_000_000 < count_params(small) < 8_000_000
+    tiny4, _ = load_policy("tiny4")  # tiny with twice the decoder layers
+    assert tiny4.config.text_config.num_hidden_layers == 2 * model.config.text_config.num_hidden_layers
+    assert 1_000_000 < count_params(tiny4) < 1_500_000
 
 
 def test_chat_template_and_special_tokens(tiny):
