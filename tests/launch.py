@@ -103,7 +103,10 @@ class Ranks:
         return all(p.poll() is None for p in self.procs)
 
     def kill(self):
-        os.killpg(self.procs[0].pid, signal.SIGKILL)
+        try:
+            os.killpg(self.procs[0].pid, signal.SIGKILL)
+        except ProcessLookupError:  # every rank has exited already
+            pass
         for p in self.procs:
             p.wait()
 
