@@ -1,6 +1,6 @@
 """The tiny presets: real Qwen2.5-VL models from a small config, with a tokenizer trained here; no network.
 
-    model, processor = build_preset("tiny", seed=0)   # ~0.7M params; "tiny4" ~1.2M; "small" ~3.5M
+    model, processor = build_preset("tiny", seed=0)   # ~0.7M params; "tiny4" ~1.2M (the world's); "small" ~3.5M
 
 A preset is a `Qwen2_5_VLForConditionalGeneration` built from a small config, with a byte-level BPE tokenizer
 trained on fixed text (Qwen's pre-tokenizer, special tokens and chat template; the embedded world's
@@ -59,8 +59,8 @@ PRESETS = {
     # ~0.7M parameters: the size that learned fastest per CPU-minute on 2 cores.
     "tiny": dict(vocab_size=1024, hidden=128, layers=2, heads=4, kv_heads=2, ffn=384,
                  vis_hidden=64, vis_layers=2, vis_heads=2, vis_ffn=128),
-    # ~1.2M parameters: tiny with 4 decoder layers (README "Results": with 12 base epochs its rationale's copies and
-    # lookup are right where tiny's fail; over run.sh's time budget).
+    # ~1.2M parameters: tiny with 4 decoder layers, the world's base model (run.sh, sft.BASE_PRESET; README "Results":
+    # its rationale's copies and lookup are right where tiny's fail, so unseen classes gain from CoT SFT and TAPO).
     "tiny4": dict(vocab_size=1024, hidden=128, layers=4, heads=4, kv_heads=2, ffn=384,
                   vis_hidden=64, vis_layers=2, vis_heads=2, vis_ffn=128),
     # ~3.5M parameters.

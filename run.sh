@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The paper in miniature, end to end on the embedded world (CPU, ~10 minutes on 2 cores):
+# The paper in miniature, end to end on the embedded world (CPU, ~11 minutes on 2 cores):
 #   world -> base model (pretraining corpus) -> CoT SFT (+ the answer-only SFT baseline) -> TAPO -> eval.
 # Each stage is one line; a stage whose output exists is skipped (delete $OUT/<stage> to redo it).
 #   bash run.sh                          # seed 0 into out/
 #   SEED=1 OUT=out/seeds/seed1 bash run.sh   # another seed (world split, base, SFT and TAPO together)
 #   NPROC=2 bash run.sh                  # every stage under torchrun with 2 processes (the base model always
 #                                        # trains with BASE_NPROC, default max(NPROC, 2), processes)
-#   PRESET=small OUT=out/small bash run.sh   # the 3.5M-parameter preset (presets.py) instead of the 0.7M one
+#   PRESET=small OUT=out/small bash run.sh   # the 3.5M-parameter preset (presets.py) instead of the 1.2M tiny4
+#   PRESET=tiny BASE_EPOCHS=5 WORLD_FLAGS="--name-frac 0.3 --instruct-name-frac 0.4" bash run.sh
+#                                        # the previous recipe: the 0.7M model, 5 base epochs, more named images
 #   WORLD_FLAGS="--knowledge-repeats 3 --name-frac 0.5 --instruct-name-frac 0.7" SFT_EXTRA="--freeze none" \
 #   TAPO_FLAGS="--defaults world --lr 1e-4" BASE_NPROC=1 ANALYSIS_REPLAY=0 COT_STEPS=200 bash run.sh
-#                                        # the previous world and recipe (README, "Results", earlier recipes)
+#                                        # the world and recipe before that (README, "Results", earlier recipes)
 # With one process per stage (NPROC=1, the default) independent stages share the two cores: the answer-only SFT
 # runs beside CoT SFT, and the first three evaluations beside TAPO, in the background (logs in $OUT/logs/);
 # SERIAL=1 runs everything in the foreground, one stage after the other. Results do not depend on it.
@@ -56,8 +58,8 @@ W=$OUT/world
 stage world      $W/world.json           python world.py --out $W --seed "$SEED" ${WORLD_FLAGS:-}
 # a world folder left by a run with another seed or other world flags would be reused, with every stage after it
 python world.py --check --out $W --seed "$SEED" ${WORLD_FLAGS:-}
-stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --variant pretrain --model ${PRESET:-tiny} --data $W --out $OUT/base --seed "$SEED" \
-                                           --epochs ${BASE_EPOCHS:-5}
+stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --variant pretrain --model ${PRESET:-tiny4} --data $W --out $OUT/base --seed "$SEED" \
+                                           --epochs ${BASE_EPOCHS:-8}
 # CoT SFT and its answer-only baseline: the same images, prompts and lr, each with a replay of half of
 # replay.json, the pretraining corpus minus its short prompt-format samples (README, deviations: the tiny model
 # otherwise forgets what the base knew; the base's short answers would compete with the rationale)

@@ -687,8 +687,8 @@ def differences(path, want):
 
 
 def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, captions=20, vqa=0,
-             knowledge_repeats=6, seen_frac=0.6, name_frac=0.3, name_noise=(0.1, 0.05, 0.05), pattern_frac=0.3,
-             instruct_per_image=1, instruct_name_frac=0.4, quizzes=16, quiz_cot=1.0, comparison="describe",
+             knowledge_repeats=6, seen_frac=0.6, name_frac=0.1, name_noise=(0.1, 0.05, 0.05), pattern_frac=0.3,
+             instruct_per_image=1, instruct_name_frac=0.1, quizzes=16, quiz_cot=1.0, comparison="describe",
              closed_option_sets=6, domains=tuple(DOMAINS), workers=2, verbose=False, check=False):
     """Write the world into `out_dir` (see the module docstring for the files) and return its Path.
     check=True writes nothing and returns what differs between the world already in `out_dir` (its world.json)
@@ -753,11 +753,14 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
         # under the later stages' prompts. Only a share `pattern_frac` of the texts about an image mention its
         # pattern: the base model reads patterns unreliably (a perception confusion shared by all classes).
         n_pre, pool = 0, []  # pool: (image, class, did any text about it state its pattern)
+        # the same share of every class's images is named, and at least one image of every class (web data names
+        # every class somewhere) while name_frac > 0
+        n_named = max(1, round(name_frac * captions)) if name_frac > 0 and captions else 0
         for c in classes:
             for i in range(captions):
                 rel = image(c, "pretrain", n_pre)
                 n_pre += 1
-                if i < round(name_frac * captions):  # the same share of every class's images is named
+                if i < n_named:
                     q, a = named_caption(c, classes, rng, name_noise, rng.random() < pattern_frac)
                 else:
                     q, a = rng.choice(CAPTION_QUESTIONS).format(noun=dom.noun), caption(c, rng.random() < pattern_frac)
@@ -905,7 +908,7 @@ def main():
                    help="attribute questions per captioned image (measured: learnt far slower than captions)")
     p.add_argument("--knowledge-repeats", type=int, default=6, help="copies of each class's knowledge texts "
                    "(6: the base recalls every class from its description, 48 of 48 at seed 0; 3: 37 of 48)")
-    p.add_argument("--name-frac", type=float, default=0.3,
+    p.add_argument("--name-frac", type=float, default=0.1,
                    help="share of pretraining images whose caption names the class (web-like, with --name-noise)")
     p.add_argument("--name-noise", type=float, nargs=3, default=(0.1, 0.05, 0.05), metavar=("CONGENER", "GENUS", "SUPER"),
                    help="of the naming captions: shares naming the nearest class, only the genus, only the super-category")
@@ -913,7 +916,7 @@ def main():
                    help="share of texts about a pretraining image that mention its pattern (the base reads it unreliably)")
     p.add_argument("--instruct-per-image", type=int, default=1,
                    help="attribute questions per pretraining image under the RL / open / closed prompts (format)")
-    p.add_argument("--instruct-name-frac", type=float, default=0.4,
+    p.add_argument("--instruct-name-frac", type=float, default=0.1,
                    help="share of those questions that ask the class (answered with the web's noisy name)")
     p.add_argument("--quizzes", type=int, default=16, help="text-only field-guide questions per class under the "
                    "RL / open / closed prompts (description -> name, no image)")

@@ -1,5 +1,6 @@
 """The project's layering and its one configuration mechanism."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,18 @@ def test_world_values_only_when_asked_or_embedded(tmp_path):
     a = tapo.get_args(["--model", "tiny", "--data", str(tmp_path / "rl.jsonl"), "--defaults", "world", "--lr", "3e-5"])
     assert a.defaults == "world" and a.lr == 3e-5 and a.rollout_batch == tapo.WORLD["rollout_batch"]
     s = sft.get_args(["--variant", "pretrain"])  # the embedded default: no --model, no --data
-    assert s.defaults == "world" and s.lr == sft.WORLD["pretrain"]["lr"] and s.model == "tiny"
+    assert s.defaults == "world" and s.lr == sft.WORLD["pretrain"]["lr"] and s.model == sft.BASE_PRESET
+
+
+
+def test_run_sh_trains_the_base_sft_py_would():
+    """run.sh's default base model (preset, epochs) is the one `python sft.py --variant pretrain` trains."""
+    text = (ROOT / "run.sh").read_text()
+    preset = re.search(r"--model \$\{PRESET:-([\w.-]+)\}", text)
+    epochs = re.search(r"--epochs \$\{BASE_EPOCHS:-([\d.]+)\}", text)
+    assert preset and epochs, "run.sh no longer passes --model ${PRESET:-...} --epochs ${BASE_EPOCHS:-...}"
+    assert preset.group(1) == sft.BASE_PRESET
+    assert float(epochs.group(1)) == sft.WORLD["pretrain"]["epochs"]
 
 
 def test_bare_resume_means_newest_checkpoint(tmp_path):
