@@ -10,6 +10,7 @@ The same code runs single-process (`python X.py`), single-node (`torchrun --npro
 multi-node (`torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:PORT ...`).
 """
 import os
+import sys
 import random
 from dataclasses import dataclass
 
@@ -53,10 +54,19 @@ def setup(device=None):
     return Dist(rank, world, local_rank, dev)
 
 
-def teardown():
+def teardown(exit_process=False):
+    """End the process group. exit_process=True (the end of a stage's main under torchrun) then ends the process
+    at once, without running destructors: freeing DDP's Reducer after the group is gone runs ProcessGroupGloo's
+    destructor with the GIL held, which joins a gloo thread waiting for the GIL (a rank hung for good after its
+    run had finished and saved, seen in CI: tests/test_checkpoint.py, 2-rank SFT resume). Everything is written
+    by then (checkpoints swapped in, metrics files closed); stdout and stderr are flushed here."""
     if tdist.is_initialized():
         tdist.barrier()  # wait for every rank to finish writing before the group goes away
         tdist.destroy_process_group()
+        if exit_process:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def seed_everything(seed, rank=0):

@@ -113,9 +113,9 @@ WORLD = {
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model and data
-    ap.add_argument("--model", default=None, help="HF folder or preset (tiny/tiny4/small) to start from; default: the "
-                    f"{BASE_PRESET} preset for --variant pretrain, else the newest checkpoint in {RUNS['pretrain']} (the world's "
-                    "base model)")
+    ap.add_argument("--model", default=None, help="HF folder or preset (tiny/tiny4/small) to start from; default: "
+                    f"the {BASE_PRESET} preset for --variant pretrain, else the newest checkpoint in {RUNS['pretrain']} "
+                    "(the world's base model)")
     ap.add_argument("--data", default=None, help="comma-separated sources PATH[:WEIGHT], each a Stage-1 JSON or an "
                     f"embedded-world folder (its file for --variant); default {EMBEDDED_DATA}")
     ap.add_argument("--variant", choices=list(WORLD_FILES), default="cot", help="which training of the embedded "
@@ -281,7 +281,7 @@ def main(argv=None):
     t_start = time.time()
     if start >= total:
         dist.print(f"nothing to do: {resume} is at step {start} of {total}")
-        distributed.teardown()
+        distributed.teardown(exit_process=True)
         return
     bar = tqdm(total=total, initial=start, disable=not dist.master, desc="sft", dynamic_ncols=True)
     cache = {}
@@ -342,7 +342,7 @@ def main(argv=None):
         dist.print(f"done: {step} steps, {tokens_seen} tokens, {elapsed0 + time.time() - t_start:.0f} s -> "
                    f"{out / 'final'}")
     bar.close()
-    distributed.teardown()
+    distributed.teardown(exit_process=True)
 
 
 if __name__ == "__main__":

@@ -672,7 +672,7 @@ def main(argv=None):
             dist.print(f"--max-minutes {args.max_minutes} reached at step {step}: saved and stopping")
             break
     bar.close()
-    distributed.teardown()
+    distributed.teardown(exit_process=True)
 
 
 if __name__ == "__main__":
