@@ -606,7 +606,7 @@ def main(argv=None, respond=None):
         report.print_tables(summary, tag)
         report.write_html(out / name.replace("summary", "report").replace(".json", ".html"), {tag: (summary, records)})
         print(f"\nwrote {out / name}, {out / name.replace('summary', 'report').replace('.json', '.html')}")
-    distributed.teardown(exit_process=True)
+    distributed.teardown()  # no DDP model here, so no Reducer to race with (distributed.teardown)
     return summary if dist.master else None
 
 
