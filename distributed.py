@@ -10,8 +10,8 @@ The same code runs single-process (`python X.py`), single-node (`torchrun --npro
 multi-node (`torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:PORT ...`).
 """
 import os
-import sys
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np

@@ -60,3 +60,22 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_turns_off():
     assert got.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+EXIT_WORKER = """
+import distributed
+dist = distributed.setup("cpu")
+print(f"rank {dist.rank} before teardown")
+distributed.teardown(exit_process=True)
+print(f"rank {dist.rank} after teardown")
+"""
+
+
+def test_teardown_exit_process_ends_every_rank(tmp_path):
+    """teardown(exit_process=True) on 2 ranks: exit status 0, what was printed before is there, nothing after it
+    runs (no destructor of main's locals can then hang a rank: distributed.teardown)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(EXIT_WORKER)  # the repo root is on PYTHONPATH (tests/launch.py)
+    p = run([worker], nproc=2, timeout=120)
+    assert "rank 0 before teardown" in p.stdout and "rank 1 before teardown" in p.stdout, p.stdout
+    assert "after teardown" not in p.stdout, p.stdout
