@@ -95,10 +95,14 @@ RUNS = {"pretrain": Path("out/base"), "cot": Path("out/sft_cot"), "nocot": Path(
 # otherwise overwrite what the 0.7M model knows of the unseen ones (closed unseen over 5 seeds: 35.7 with only
 # the vision side frozen, 44.4 with the embeddings as well, 51.4 with the MLPs as well; README "Tried before this").
 # The embedded world's base model: the 1.2M-parameter 4-layer preset (README "Results": the 0.7M "tiny" did not
-# make the rationale's copies and lookup on unseen classes; 8 epochs keep run.sh near its time budget).
+# make the rationale's copies and lookup on unseen classes), 8 epochs: with 7 (and this micro-batch) CoT SFT reached
+# 68.3 / 63.9 closed seen / unseen on seed 0, against 82.1 / 74.3 after 8 epochs with micro-batch 8. Its micro-batch
+# of 4 per rank, not 8, only splits the same 16-sample step differently (the same gradient up to float summation
+# order): 0.84x the time per step under DDP on 2 cores, measured, as a rank's two micro-batches of a length-sorted
+# batch pad less than one of 8.
 BASE_PRESET = "tiny4"
 WORLD = {
-    "pretrain": dict(lr=1e-3, warmup_steps=50, epochs=8, batch_size=16, micro_batch=8, max_length=512,
+    "pretrain": dict(lr=1e-3, warmup_steps=50, epochs=8, batch_size=16, micro_batch=4, max_length=512,
                      min_pixels=0, max_pixels=0),
     "cot": dict(lr=1e-3, warmup_steps=10, epochs=27, batch_size=8, micro_batch=8, max_length=512,
                 min_pixels=0, max_pixels=0, freeze=("vision", "embeddings", "mlp")),
@@ -153,7 +157,8 @@ def get_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=64, help="samples per optimizer step, all ranks and "
                     "micro-batches together (release: 64 = 4 GPUs x 4 x accumulation 4; world: 16 pretrain, 8 SFT)")
     ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass per rank; gradient "
-                    "accumulation covers the rest of the batch; at most --batch-size (release: 4; world: 8)")
+                    "accumulation covers the rest of the batch; at most --batch-size (release: 4; world: 4 pretrain, "
+                    "8 SFT)")
     ap.add_argument("--min-pixels", type=int, default=32 * 32, help="images smaller than this are scaled up first "
                     "(release, LLaMA-Factory image_min_pixels: 1024; world: 0 = off)")
     ap.add_argument("--max-pixels", type=int, default=768 * 768, help="images larger than this are scaled down "

@@ -456,7 +456,7 @@ def rl_batches(model, ref, processor, prompts, args, system, dist, step):
 # ----------------------------------------------------------------------------------------------------------
 # The update
 
-LOSS_STATS = ("loss", "pg", "clip", "dual", "k", "k_clamped", "ent", "tokens")
+LOSS_STATS = ("loss", "pg", "clip", "dual", "k", "k_clamped", "ent", "tokens", "push_pg", "push_inter")
 
 
 def pad_right(tensors, L):
@@ -489,13 +489,19 @@ def accumulate_grads(model, mini, n_micro, n_tok_global, coef, args, pad_id, wor
         neg = pad_right([s.neg for s in chunk], L) if chunk[0].neg is not None else None
         ref = pad_right([s.ref for s in chunk], L) if chunk[0].ref is not None else None
         tok_loss, parts = tapo_token_loss(lp, pad_right([s.old for s in chunk], L), neg, adv, ref, **coef)
+        # how hard each term pulls on each token's log pi, |d term / d lp| (the log's push_*; the eta1 term's is
+        # eta1 on every token): the clipped surrogate's against gamma x the inter-class KL's
+        push_pg = torch.autograd.grad((parts["pg"] * mask).sum(), lp, retain_graph=True)[0].abs()
+        push_inter = (coef["gamma"] * torch.autograd.grad((parts["k"] * mask).sum(), lp, retain_graph=True)[0].abs()
+                      if parts["k"] is not None else torch.zeros_like(lp))
         # token-level mean over the global mini-batch; DDP / FSDP2 average gradients over ranks, hence x world
         ((tok_loss * mask).sum() / n_tok_global * world).backward()
         with torch.no_grad():
             k = parts["k"] if parts["k"] is not None else torch.zeros_like(lp)
             kc = parts["k_clamped"] if parts["k_clamped"] is not None else torch.zeros_like(mask, dtype=torch.bool)
             terms = (tok_loss, parts["pg"], parts["clipped"], parts["dual"], k, kc, -lp, torch.ones_like(lp))
-            sums += torch.stack([(t.double() * mask).sum() for t in terms])
+            sums += torch.stack([(t.double() * mask).sum() for t in terms]
+                                + [push_pg.double().sum(), push_inter.double().sum()])  # mask already inside
     return sums
 
 
@@ -555,6 +561,7 @@ def step_metrics(step, samples, stats, sums, gnorm, updates, skipped, t_step, n2
                 drawn=drawn, kept_frac=kept / max(1, drawn), survived_frac=surv / max(1, drawn), retries=stats["retries"], updates=updates, skipped=skipped,
                 loss=ls["loss"] / ntok,
                 pg=ls["pg"] / ntok, kl_neg=ls["k"] / ntok, kl_neg_clamped=ls["k_clamped"] / ntok,
+                push_pg=ls["push_pg"] / ntok, push_inter=ls["push_inter"] / ntok,
                 entropy=ls["ent"] / ntok, clip_frac=ls["clip"] / ntok, dual_clip_frac=ls["dual"] / ntok,
                 len=length / max(1, n), trunc=trunc / max(1, n),
                 replay_nll=replay_nll / replay_sums[1] if replay_sums[1] else None,

@@ -232,3 +232,22 @@ def test_replay_none_turns_off_the_world_profiles_replay(tmp_path):
     assert (off.replay, off.replay_coef) == (None, 0.0)
     release = get_args(common + ["release"])
     assert (release.replay, release.replay_coef) == (None, 0.0)
+
+
+def test_logged_push_is_each_terms_gradient_on_log_pi(tiny):
+    """The log's push_pg / push_inter are |d term / d log pi| summed over tokens: with old = current log-probs (ratio
+    1, nothing clipped) and pi_neg = pi e^-0.3 on every token, sum |A| and gamma |1 - e^-0.3| per token."""
+    from tapo import LOSS_STATS, response_logprobs, update_side
+    model, proc = tiny
+    pad = proc.tokenizer.pad_token_id
+    samples = _fake_samples(proc)
+    upd = [update_side(s, "positive") for s in samples]
+    for s, lp in zip(samples, response_logprobs(model, samples, upd, pad, 1.0, 6)):
+        s.old, s.neg = lp.clone(), lp - 0.3
+    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", micro_batch=3)
+    n_tok = float(sum(len(s.ids) for s in samples))
+    sums = dict(zip(LOSS_STATS, accumulate_grads(model, samples, 2, n_tok, COEF, cfg, pad, 1).tolist()))
+    model.zero_grad()
+    assert sums["tokens"] == n_tok
+    assert sums["push_pg"] == pytest.approx(sum(abs(s.adv) * len(s.ids) for s in samples), rel=1e-4)
+    assert sums["push_inter"] == pytest.approx(COEF["gamma"] * (1 - math.exp(-0.3)) * n_tok, rel=1e-4)
