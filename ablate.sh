@@ -18,6 +18,8 @@ declare -A FLAGS=(
   [no_intra]="--no-intra"                    # 10:0, all rollouts on the anchor
   [no_inter]="--no-inter"                    # gamma = eta2 = 0, no negative image
   [dapo]="--no-intra --no-inter"             # plain DAPO
+  [gamma1]="--gamma 1"                       # the inter-class KL at 100x the paper's weight: at 0.01 it pulls on log pi
+                                             # ~1/3000 as hard as the clipped surrogate (push_inter / push_pg, README)
   [cond_anchor]="--intra-condition anchor"   # paper's conditioning of positive rollouts (Δ1)
   [reward_official]="--reward official"      # the release's substring reward (Δ10)
   [frozen_lm]="--freeze embeddings,mlp"      # only the vision side and the decoder's attention learn
@@ -91,8 +93,8 @@ def quarter(rows, key):
     k = max(1, len(rows) // 4)
     return statistics.mean(r[key] for r in rows[:k]), statistics.mean(r[key] for r in rows[-k:])
 lines += ["", "TAPO runs, first -> last quarter of the steps:", "",
-          "| run | reward | sampled acc | format | kept_frac mean (min) | retries mean (max) | response tokens |",
-          "|---|---|---|---|---|---|---|"]
+          "| run | reward | sampled acc | format | kept_frac mean (min) | retries mean (max) | response tokens "
+          "| push inter / pg |", "|---|---|---|---|---|---|---|---|"]
 for m in ["tapo"] + variants:
     for s in seeds:
         d = "tapo" if m == "tapo" else f"ablate/{m}"
@@ -101,7 +103,10 @@ for m in ["tapo"] + variants:
         kf, rt = [r["kept_frac"] for r in rows], [r["retries"] for r in rows]
         lines.append(f"| {m} seed {s} | " + " | ".join("%.3f -> %.3f" % q[k] for k in ("reward", "acc", "format"))
                      + f" | {statistics.mean(kf):.2f} ({min(kf):.2f}) | {statistics.mean(rt):.1f} ({max(rt)}) | "
-                     + "%.0f -> %.0f |" % q["len"])
+                     + "%.0f -> %.0f |" % q["len"]
+                     # how hard gamma x the inter-class KL pulls on log pi next to the clipped surrogate (run mean)
+                     + (" %.2e |" % (sum(r["push_inter"] for r in rows) / max(1e-12, sum(r["push_pg"] for r in rows)))
+                        if all("push_pg" in r for r in rows) else " - |"))
 # the same two models sampled at 1.0 (avg@8, closed world), where every seed has it
 t1 = {m: [f"{root}/seed{s}/eval_t1/{m}/summary_closed_samples8-t1.json" for s in seeds] for m in ("sft_cot", "tapo")}
 if all(os.path.exists(f) for fs in t1.values() for f in fs):
