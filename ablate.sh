@@ -19,7 +19,7 @@ declare -A FLAGS=(
   [no_inter]="--no-inter"                    # gamma = eta2 = 0, no negative image
   [dapo]="--no-intra --no-inter"             # plain DAPO
   [gamma1]="--gamma 1"                       # the inter-class KL at 100x the paper's weight: at 0.01 it pulls on log pi
-                                             # ~1/3000 as hard as the clipped surrogate (push_inter / push_pg, README)
+                                             # 2,000-2,900x less hard than the clipped surrogate (push_inter / push_pg, README)
   [cond_anchor]="--intra-condition anchor"   # paper's conditioning of positive rollouts (Δ1)
   [reward_official]="--reward official"      # the release's substring reward (Δ10)
   [frozen_lm]="--freeze embeddings,mlp"      # only the vision side and the decoder's attention learn
