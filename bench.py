@@ -3,6 +3,7 @@
     python bench.py logprobs   # peak memory of the naive log-softmax gather vs the chunked head (policy.py)
     python bench.py rollout    # TAPO's rollout workload: rollout.generate vs HF generate, tokens/s and memory
     python bench.py sft        # SFT step tokens/s, 1 process vs 2-rank DDP; padding with / without length grouping
+    python bench.py topp       # top-p filtering per decode step: the top-k prefix vs one full sort per row
     python bench.py collectives  # collectives per decode step on 2 ranks: FSDP2 sharded vs rollout.gathered vs DDP
     python bench.py gpu        # on a GPU, < 8 min: rollout ours vs HF at ~0.5B / 3B shapes, fraction of the
                                # bandwidth limit, bf16 SFT step and TAPO update MFU, peak memory
@@ -732,6 +733,38 @@ def bench_gpu(args):
 
 # ----------------------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------------------
+# topp: the sampler's top-p filter, by a top-k prefix (rollout.filter_logits) vs one full sort per row
+
+def bench_topp(args):
+    """Microseconds per call of the top-p filter on (rows, V) logits, prefix vs full sort, from flat to peaked
+    rows (logits ~ N(0, scale^2)); both keep the same tokens (checked here, and tests/test_rollout.py)."""
+    import rollout
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+
+    def us(f, z):
+        f(z, 0, args.top_p)
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            f(z, 0, args.top_p)
+        return (time.perf_counter() - t0) / args.calls * 1e6
+
+    print(f"top-p {args.top_p}, {args.rows} rows x {args.vocab} tokens, prefix {rollout.TOP_P_PREFIX}, "
+          f"{args.calls} calls each")
+    print(f"{'scale':>6} {'rows covered':>13} {'kept/row':>9} {'prefix us':>10} {'sort us':>9} {'ratio':>6}")
+    ratios = []
+    for scale in args.scales:
+        z = torch.randn(args.rows, args.vocab, generator=g) * scale
+        assert torch.equal(rollout.filter_logits(z, 0, args.top_p), rollout._filter_sorted(z, 0, args.top_p))
+        covered = z.softmax(-1).topk(rollout.TOP_P_PREFIX, dim=-1).values.sum(-1) >= args.top_p
+        kept = (rollout.filter_logits(z, 0, args.top_p) > float("-inf")).sum(-1).float().mean()
+        a, b = us(rollout.filter_logits, z), us(rollout._filter_sorted, z)
+        ratios.append(a / b)
+        print(f"{scale:>6g} {covered.float().mean():>13.2f} {kept:>9.1f} {a:>10.0f} {b:>9.0f} {a / b:>6.2f}")
+    print("topp time_ratio_prefix_vs_sort=" + ",".join(f"{r:.2f}" for r in ratios))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -777,6 +810,14 @@ def main():
     m.add_argument("--image-size", type=int, default=448)
     m.add_argument("--response-words", type=int, default=600)
     m.add_argument("--grad-checkpointing", action="store_true")
+    tp = sub.add_parser("topp", help="top-p filter per decode step: top-k prefix vs full sort, flat to peaked rows")
+    tp.add_argument("--rows", type=int, default=160, help="rows per decode step (world TAPO, 1 rank: 16 groups x 10)")
+    tp.add_argument("--vocab", type=int, default=1024, help="vocabulary (the presets: 1024; Qwen2.5-VL: 151,936)")
+    tp.add_argument("--top-p", type=float, default=0.99, help="nucleus mass (release: 0.99)")
+    tp.add_argument("--scales", type=float, nargs="+", default=[1, 3, 6, 10],
+                    help="std of the random logits, flat (1: the prefix rarely holds top-p) to peaked (10)")
+    tp.add_argument("--calls", type=int, default=200, help="timed calls per side and scale")
+    tp.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     sub.add_parser("collectives", help="collectives per decode step on 2 ranks: sharded vs gathered vs DDP")
     g = sub.add_parser("gpu", help="GPU: rollout ours vs HF at ~0.5B and 3B shapes, bandwidth fraction, SFT / TAPO MFU")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (or cpu with --small)")
@@ -806,7 +847,7 @@ def main():
     if args.cmd == "gpu" and args.small:  # a workload that runs in about a minute on 2 CPU cores
         args.prompts, args.new_tokens, args.image_size, args.rounds = 1, 8, 112, 1
         args.micro, args.sft_words, args.tapo_words, args.train_steps = 2, 20, 30, 1
-    {"gpu": bench_gpu, "collectives": bench_collectives, "logprobs": bench_logprobs, "rollout": bench_rollout, "_logprobs_variant": _logprobs_variant,
+    {"gpu": bench_gpu, "collectives": bench_collectives, "topp": bench_topp, "logprobs": bench_logprobs, "rollout": bench_rollout, "_logprobs_variant": _logprobs_variant,
      "sft": bench_sft, "_sft_step": _sft_step, "_sft_mfu": _sft_mfu}[args.cmd](args)
 
 

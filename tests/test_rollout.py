@@ -145,6 +145,24 @@ def test_filtering_matches_hf_warpers():
         assert ours.sum(1).min() >= 1
 
 
+def test_top_p_by_prefix_equals_full_sort():
+    """Top-p over the TOP_P_PREFIX most likely tokens keeps what one full sort keeps, in a batch that mixes
+    peaked rows (the prefix holds top_p) with flat ones (it does not: those rows take the full sort)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    g = torch.Generator().manual_seed(1)
+    V = 4 * rollout.TOP_P_PREFIX
+    scale = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 16.0]).repeat_interleave(8)[:, None]  # flat ... peaked
+    z = torch.randn(len(scale), V, generator=g) * scale
+    for p in [0.99, 0.9, 0.5, 0.0]:
+        ours = rollout.filter_logits(z, 0, p)
+        full = rollout._filter_sorted(z, 0, p)
+        assert torch.equal(ours, full), p  # kept logits unchanged, removed ones -inf, at the same places
+        ref = TopPLogitsWarper(max(p, 1e-9))(None, z.clone()) > float("-inf")
+        assert torch.equal(ours > float("-inf"), ref), p
+    mass = z.softmax(-1).topk(rollout.TOP_P_PREFIX, dim=-1).values.sum(-1)
+    assert (mass < 0.99).any() and (mass >= 0.99).any()  # both paths were taken at top_p 0.99
+
+
 def test_sampling_follows_filtered_distribution():
     """Inverse-CDF draws over evenly spaced uniforms reproduce softmax(z / T) restricted to the kept set."""
     probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])  # sorted: 0.4, 0.3, 0.15, 0.1, 0.05
