@@ -3,7 +3,7 @@
 # the main job (run.sh into $ROOT/seedS, default out/seeds), then the TAPO ablations from that seed's CoT-SFT checkpoint, each
 # evaluated closed- and open-world, and CoT SFT and TAPO also sampled at temperature 1.0 (avg@8, closed world); then
 # mean ± std over seeds of every model and the four claims, checked ($ROOT/claims.md, $ROOT/claims.json; appended to
-# out/results.md). About 25 minutes per seed on 2 idle cores (4 of them the sampled evaluations; SAMPLED=0 skips).
+# out/results.md). About 14 minutes per seed on 2 idle cores with SAMPLED=0 (stop 23), plus the sampled evaluations.
 # Variants other than the paper's ablations (no_intra, no_inter, dapo) are reported beside them, not as claim 4;
 # no_replay is the release's TAPO, without the world's replay term (README, deviations).
 #   bash ablate.sh                                   # seeds 0 1 2, ablations no_intra no_inter, and no_replay
@@ -27,12 +27,16 @@ declare -A FLAGS=(
   [no_replay]="--replay none --lr 2e-5"      # the release's TAPO, no replay of the base's corpus (world Δ), at the
                                              # lr the world used without it
 )
+# the ablations train as the main job's TAPO does (run.sh: TAPO_NPROC, default 2 processes)
+NPROC=${NPROC:-1}; TAPO_NPROC=${TAPO_NPROC:-$(( NPROC > 1 ? NPROC : 2 ))}
+if [ "$TAPO_NPROC" -gt 1 ]; then RUN_TAPO="torchrun --standalone --nproc_per_node $TAPO_NPROC"; else RUN_TAPO="python"; fi
+export TAPO_NPROC
 one_seed() {  # the main job and the ablations of seed $1, into $ROOT/seed$1
   local s=$1 O=$ROOT/seed$1
   SEED=$s OUT=$O bash run.sh
   for v in $VARIANTS; do
     [ -e "$O/ablate/$v/final" ] || { t=$(date +%s)
-      python tapo.py --model $O/sft_cot/final --data $O/world --out $O/ablate/$v --seed "$s" ${TAPO_FLAGS:---defaults world} ${FLAGS[$v]}
+      $RUN_TAPO tapo.py --model $O/sft_cot/final --data $O/world --out $O/ablate/$v --seed "$s" ${TAPO_FLAGS:---defaults world} ${FLAGS[$v]}
       echo "== tapo_$v: $(( $(date +%s) - t )) s" >> $O/timings.txt; }
     [ -e "$O/eval/$v/summary.json" ] || python eval.py --defaults world --model $O/ablate/$v/final --data $O/world --out $O/eval/$v --tag "$v"
   done

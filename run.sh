@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The paper in miniature, end to end on the embedded world (CPU, ~11-12 minutes on 2 cores):
+# The paper in miniature, end to end on the embedded world (CPU, ~10 minutes on 2 cores):
 #   world -> base model (pretraining corpus) -> CoT SFT (+ the answer-only SFT baseline) -> TAPO -> eval.
 # Each stage is one line; a stage whose output exists is skipped (delete $OUT/<stage> to redo it).
 #   bash run.sh                          # seed 0 into out/
 #   SEED=1 OUT=out/seeds/seed1 bash run.sh   # another seed (world split, base, SFT and TAPO together)
-#   NPROC=2 bash run.sh                  # every stage under torchrun with 2 processes (the base model always
-#                                        # trains with BASE_NPROC, default max(NPROC, 2), processes)
+#   NPROC=2 bash run.sh                  # every stage under torchrun with 2 processes (the base model and TAPO
+#                                        # always train with BASE_NPROC / TAPO_NPROC, default max(NPROC, 2), processes)
 #   PRESET=small OUT=out/small bash run.sh   # the 3.5M-parameter preset (presets.py) instead of the 1.2M tiny4
 #   PRESET=tiny BASE_EPOCHS=5 WORLD_FLAGS="--name-frac 0.3 --instruct-name-frac 0.4" bash run.sh
 #                                        # the previous recipe: the 0.7M model, 5 base epochs, more named images
@@ -13,8 +13,8 @@
 #   TAPO_FLAGS="--defaults world --lr 1e-4" BASE_NPROC=1 ANALYSIS_REPLAY=0 COT_STEPS=200 bash run.sh
 #                                        # the world and recipe before that (README, "Results", earlier recipes)
 # With one process per stage (NPROC=1, the default) independent stages share the two cores: the answer-only SFT
-# runs beside CoT SFT, and the first three evaluations beside TAPO, in the background (logs in $OUT/logs/);
-# SERIAL=1 runs everything in the foreground, one stage after the other. Results do not depend on it.
+# and the first two evaluations run beside CoT SFT, and CoT SFT's evaluation beside TAPO's, in the background (logs
+# in $OUT/logs/); SERIAL=1 runs everything in the foreground, one stage after the other. Results do not depend on it.
 # The world's hyper-parameters are the explicit flags below (README, "The embedded world").
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,6 +29,9 @@ if [ "$NPROC" -gt 1 ]; then RUN="torchrun --standalone --nproc_per_node $NPROC";
 # process; the two give the same model up to float summation order)
 BASE_NPROC=${BASE_NPROC:-$(( NPROC > 1 ? NPROC : 2 ))}
 if [ "$BASE_NPROC" -gt 1 ]; then RUN_BASE="torchrun --standalone --nproc_per_node $BASE_NPROC"; else RUN_BASE="python"; fi
+# TAPO too (TAPO_NPROC=1: one process; its rollouts are seeded by rank, so the two are two draws of the same run)
+TAPO_NPROC=${TAPO_NPROC:-$(( NPROC > 1 ? NPROC : 2 ))}
+if [ "$TAPO_NPROC" -gt 1 ]; then RUN_TAPO="torchrun --standalone --nproc_per_node $TAPO_NPROC"; else RUN_TAPO="python"; fi
 T0=$(date +%s)
 stage() {  # stage NAME DONE_PATH CMD...: run CMD unless DONE_PATH exists; time it
   local name=$1 done=$2; shift 2
@@ -71,13 +74,6 @@ stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --var
 # (ANALYSIS_REPLAY=0 COT_STEPS=200: the previous recipe, without it)
 SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --warmup-steps 10 ${SFT_EXTRA:-}"
 AR_DATA=""; if [ "${ANALYSIS_REPLAY:-3}" != 0 ]; then AR_DATA=",$W/analysis_replay.json:${ANALYSIS_REPLAY:-3}"; fi
-beside sft_nocot stage sft_nocot $OUT/sft_nocot/final $RUN sft.py --model $OUT/base/final \
-                                           --data $W/sft_nocot.json:4,$W/replay.json:${REPLAY:-0.5} \
-                                           $SFT_FLAGS --max-steps ${SFT_STEPS:-200} --variant nocot --out $OUT/sft_nocot --seed "$SEED"
-stage sft_cot    $OUT/sft_cot/final      $RUN sft.py --model $OUT/base/final \
-                                           --data $W/cot_sft.json:4,$W/replay.json:${REPLAY:-0.5}$AR_DATA \
-                                           $SFT_FLAGS --max-steps ${COT_STEPS:-400} --out $OUT/sft_cot --seed "$SEED"
-join
 evaluate() {  # evaluate MODEL...: closed- and open-world, seen and unseen, into $OUT/eval/MODEL
   local m
   for m in "$@"; do
@@ -85,11 +81,22 @@ evaluate() {  # evaluate MODEL...: closed- and open-world, seen and unseen, into
       --out "$OUT/eval/$m" --tag "$m"
   done
 }
-beside evals evaluate base sft_nocot sft_cot
-TAPO_FLAGS=${TAPO_FLAGS:-"--defaults world"}
-stage tapo       $OUT/tapo/final         $RUN tapo.py --model $OUT/sft_cot/final --data $W --out $OUT/tapo --seed "$SEED" $TAPO_FLAGS
+nocot_then_evals() {
+  stage sft_nocot $OUT/sft_nocot/final $RUN sft.py --model $OUT/base/final \
+    --data $W/sft_nocot.json:4,$W/replay.json:${REPLAY:-0.5} \
+    $SFT_FLAGS --max-steps ${SFT_STEPS:-200} --variant nocot --out $OUT/sft_nocot --seed "$SEED"
+  evaluate base sft_nocot
+}
+beside sft_nocot nocot_then_evals
+stage sft_cot    $OUT/sft_cot/final      $RUN sft.py --model $OUT/base/final \
+                                           --data $W/cot_sft.json:4,$W/replay.json:${REPLAY:-0.5}$AR_DATA \
+                                           $SFT_FLAGS --max-steps ${COT_STEPS:-400} --out $OUT/sft_cot --seed "$SEED"
 join
+TAPO_FLAGS=${TAPO_FLAGS:-"--defaults world"}
+stage tapo       $OUT/tapo/final         $RUN_TAPO tapo.py --model $OUT/sft_cot/final --data $W --out $OUT/tapo --seed "$SEED" $TAPO_FLAGS
+beside eval_sft_cot evaluate sft_cot
 evaluate tapo
+join
 python eval.py --table $OUT/eval/base:"Base (pretrained)" $OUT/eval/sft_nocot:"SFT w/o CoT" \
   $OUT/eval/sft_cot:"CoT SFT" $OUT/eval/tapo:"CoT SFT + TAPO" --table-out $OUT/results
 echo "== total $(( $(date +%s) - T0 )) s (this invocation); stage times in $OUT/timings.txt"
