@@ -17,6 +17,10 @@ parts back and checks them against the class table of world.json:
     lookup consistent  the predicted class's description equals the stated analysis (the comparison's job)
     acc | analysis     accuracy of the answers whose analysis is right
     answer = pred.     the <answer> repeats the rationale's own "Prediction" (a copy the tiny model can miss)
+    pred. outside      the Prediction is none of the rationale's own Candidates (the comparison matched none of
+                       them and the model named a class from memory: on unseen classes, CoT SFT's candidates are
+                       mostly seen look-alikes, so this is how it reaches an unseen answer)
+    acc | outside      accuracy of those answers
 An answer without a visual analysis (the base model's short "<think> The bird has A. </think>") is read for its
 stated attributes only ("colours right" counts it; the other columns do not). Every figure is a count over the
 answers of that split and decoding, so greedy (1 per item) and sampled (K per item) rows differ in size.
@@ -89,6 +93,11 @@ def anatomy(records, classes, patterns):
         pred = classes.get(p["prediction"])
         c["lookup_consistent"] += pred is not None and pred[0] == p["analysis"]
         c["answer_is_prediction"] += p["prediction"] is not None and p["prediction"] == p["answer"]
+        if p["candidates"] and p["prediction"] is not None:
+            c["with_candidates"] += 1
+            if p["prediction"] not in p["candidates"]:
+                c["prediction_outside"] += 1
+                c["correct|outside"] += bool(r["correct"])
         if r.get("options"):
             c["with_options"] += 1
             c["candidates_are_options"] += set(p["candidates"]) == set(r["options"])
@@ -108,14 +117,17 @@ def table(name, counts):
                  frac(c["analysis_right"], c["rationales"]), frac(c["wrong_snaps_seen"], wrong),
                  frac(c["gt_in_candidates|right"], c["analysis_right"]),
                  frac(c["candidates_are_options"], c["with_options"]), frac(c["lookup_consistent"], c["rationales"]),
-                 frac(c["correct|right"], c["analysis_right"]), frac(c["answer_is_prediction"], c["rationales"])]
+                 frac(c["correct|right"], c["analysis_right"]), frac(c["answer_is_prediction"], c["rationales"]),
+                 frac(c["prediction_outside"], c["with_candidates"]),
+                 frac(c["correct|outside"], c["prediction_outside"])]
         rows.append(f"| {name} | {split} | {kind} | " + " | ".join(cells) + " |")
     return rows
 
 
 HEADER = ["| eval | split | decoding | correct | colours right (of stated) | analysis right (of rationales) | "
           "wrong analyses that are a seen class | gt in candidates given a right analysis | candidates = options | "
-          "lookup consistent | acc given a right analysis | answer = prediction |", "|---" * 12 + "|"]
+          "lookup consistent | acc given a right analysis | answer = prediction | prediction outside the candidates | "
+          "acc given outside |", "|---" * 14 + "|"]
 
 
 def read_items(folder, mode):

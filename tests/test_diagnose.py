@@ -80,6 +80,21 @@ def test_counts_candidates_copying_the_options_and_answers_repeating_the_predict
     assert (g["rationales"], g["answer_is_prediction"]) == (3, 2)
 
 
+def test_counts_predictions_outside_the_candidates(setup):
+    """The unseen answer reached from memory: the comparison lists seen look-alikes, the Prediction names another."""
+    d, seen, unseen = setup
+    classes, patterns = diagnose.load_world(d)
+    u = unseen[0]
+    outside = world.rationale(u, [seen[0], seen[1]], "describe")    # candidates without u, prediction u
+    inside = world.rationale(u, [seen[0], u], "describe")
+    wrong_outside = outside.replace(f"Prediction: {u.name}.", f"Prediction: {seen[2].name}.").replace(
+        f"<answer>{u.name}</answer>", f"<answer>{seen[2].name}</answer>")
+    recs = [record(u, outside, "unseen", True), record(u, inside, "unseen", True),
+            record(u, wrong_outside, "unseen", False), record(u, "<answer>x</answer>", "unseen", False)]
+    g = diagnose.anatomy(recs, classes, patterns)[("unseen", "greedy")]
+    assert (g["with_candidates"], g["prediction_outside"], g["correct|outside"]) == (3, 2, 1)
+
+
 def test_colours_right_ignores_the_pattern(setup):
     d, seen, _ = setup
     classes, patterns = diagnose.load_world(d)
@@ -126,5 +141,7 @@ def test_cli_prints_one_row_per_split_and_decoding(setup, tmp_path, capsys):
             record(unseen[0], "<answer>x</answer>", "unseen", False, sample=0, temperature=1.0)]
     (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     diagnose.main(["--world", str(d), str(tmp_path)])
-    rows = capsys.readouterr().out.splitlines()[2:]
+    lines = capsys.readouterr().out.splitlines()
+    rows = lines[2:]
+    assert {line.count("|") for line in lines} == {lines[0].count("|")}  # every row fills every column
     assert [r.split(" | ")[1:3] for r in rows] == [["seen", "greedy"], ["unseen", "greedy"], ["unseen", "sampled@1"]]
