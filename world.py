@@ -77,6 +77,11 @@ answers the text-only field-guide quizzes with the same four-part rationale (the
 described attributes; closed-world candidates = the options). What CoT SFT adds is doing it from an image.
 The triplet negative is an image of the nearest other seen class; the closed-world options are the
 ground truth and the 3 nearest classes of the whole domain (ties broken at random per line).
+`--extra-per-domain K` (default 0) turns K seen classes of each domain into "extra" classes: the corpus is the
+same (byte for byte), but they get no training or test image and are never an answer; the SFT rationales may
+list them among the candidates and options. They stand for what a real base model knows beyond a benchmark:
+the release's rationales name such classes among their candidates, while here, without them, every candidate
+of every fine-tuning rationale is a seen class, and a policy learns that candidates are seen classes.
 
 Deviations / choices
 --------------------
@@ -288,6 +293,19 @@ def nearest(c, pool, k, rng=None):
     others = [o for o in pool if o.name != c.name]
     keys = {o.name: (rng.random() if rng else o.name) for o in others}
     return sorted(others, key=lambda o: (distance(c, o), keys[o.name]))[:k]
+
+
+def extra_classes(seen, k, seed):
+    """`k` of a domain's seen classes, seeded, made "extra": known to the base model (the whole corpus is about
+    every class) and named in the fine-tuning files as a candidate or option, never as an answer; no training or
+    test image. They stand for the many classes a real base model knows outside a benchmark, which the release's
+    rationales name among their candidates (README, "The embedded world")."""
+    if not k:
+        return []
+    assert k <= len(seen) - 2, f"{k} extra classes leave fewer than 2 of {len(seen)} seen classes"
+    order = list(seen)
+    seeded(seed, "extra", seen[0].domain).shuffle(order)
+    return sorted(order[:k], key=seen.index)
 
 
 def split_classes(classes, seed, seen_frac=0.6):
@@ -682,14 +700,16 @@ def differences(path, want):
     have = dict(version=meta.get("version"), seed=meta.get("seed"), sizes=meta.get("sizes") or {},
                 domains=list(meta.get("domains", {})))
     diffs = [f"{k}: {have[k]} here, {want[k]} asked" for k in ("version", "seed", "domains") if have[k] != want[k]]
-    return diffs + [f"{k}: {have['sizes'].get(k)} here, {v} asked" for k, v in want["sizes"].items()
-                    if have["sizes"].get(k) != v]
+    return diffs + [f"{k}: {have['sizes'].get(k)} here, {want['sizes'].get(k)} asked"
+                    for k in sorted(set(have["sizes"]) | set(want["sizes"]))
+                    if have["sizes"].get(k) != want["sizes"].get(k)]
 
 
 def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, captions=20, vqa=0,
              knowledge_repeats=6, seen_frac=0.6, name_frac=0.1, name_noise=(0.1, 0.05, 0.05), pattern_frac=0.3,
              instruct_per_image=1, instruct_name_frac=0.1, quizzes=16, quiz_cot=1.0, comparison="describe",
-             closed_option_sets=6, domains=tuple(DOMAINS), workers=2, verbose=False, check=False):
+             closed_option_sets=6, extra_per_domain=0, domains=tuple(DOMAINS), workers=2, verbose=False,
+             check=False):
     """Write the world into `out_dir` (see the module docstring for the files) and return its Path.
     check=True writes nothing and returns what differs between the world already in `out_dir` (its world.json)
     and the one these arguments would write: version, seed, sizes, domains ([] when it is that world)."""
@@ -701,6 +721,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
     assert closed_option_sets >= 1, f"closed_option_sets must be >= 1, got {closed_option_sets}"
     assert 0.0 <= quiz_cot <= 1.0, f"quiz_cot must be in [0, 1], got {quiz_cot}"
     assert comparison in ("difference", "describe"), f"comparison must be difference or describe, got {comparison}"
+    assert extra_per_domain >= 0, f"extra_per_domain must be >= 0, got {extra_per_domain}"
     jobs, meta = [], {"generator": "world.py", "version": VERSION, "seed": seed,
                       "sizes": dict(classes_per_domain=classes_per_domain, shots=shots,
                                     test_per_class=test_per_class, captions=captions, vqa=vqa,
@@ -708,7 +729,9 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
                                     name_frac=name_frac, name_noise=list(name_noise), pattern_frac=pattern_frac,
                                     instruct_per_image=instruct_per_image, instruct_name_frac=instruct_name_frac,
                                     quizzes=quizzes, comparison=comparison,
-                                    closed_option_sets=closed_option_sets, quiz_cot=quiz_cot),
+                                    closed_option_sets=closed_option_sets, quiz_cot=quiz_cot,
+                                    # only when used: the worlds written before this option still `--check`
+                                    **({"extra_per_domain": extra_per_domain} if extra_per_domain else {})),
                       "image_size": SIZE, "colours": COLOURS, "patterns": list(PATTERNS), "domains": {}}
     if check:  # compare, write nothing
         return differences(out / "world.json", dict(version=VERSION, seed=seed, sizes=meta["sizes"],
@@ -729,13 +752,18 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
         dom = DOMAINS[d]
         classes = make_classes(d, classes_per_domain)
         seen, unseen = split_classes(classes, seed, seen_frac)
+        extra = extra_classes(seen, extra_per_domain, seed)
+        seen = [c for c in seen if c not in extra]
         assert len(seen) >= 2, f"{d}: need at least 2 seen classes (a triplet's negative is another seen class)"
+        split_of = {**{c.name: "seen" for c in seen}, **{c.name: "unseen" for c in unseen},
+                    **{c.name: "extra" for c in extra}}
         meta["domains"][d] = {
             "noun": dom.noun, "question": dom.rl_question,
             "attributes": {k: list(v) for k, v in dom.attributes},
-            "classes": [{"name": c.name, "attributes": c.a, "split": "seen" if c in seen else "unseen",
+            "classes": [{"name": c.name, "attributes": c.a, "split": split_of[c.name],
                          "description": description(c)} for c in classes],
-            "seen": [c.name for c in seen], "unseen": [c.name for c in unseen]}
+            "seen": [c.name for c in seen], "unseen": [c.name for c in unseen],
+            **({"extra": [c.name for c in extra]} if extra else {})}
         rng = seeded(seed, "texts", d)
 
         # ---- pretraining corpus: knowledge of every class (text only) + captions/VQA of images of all classes
@@ -786,7 +814,7 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
         train = {c.name: [image(c, "train", i) for i in range(shots)] for c in seen}
         for c in seen:
             q = rng.choice(EVAL_QUESTIONS).format(noun=dom.noun)
-            cands = [c] + nearest(c, seen, 3, rng)
+            cands = [c] + nearest(c, seen + extra, 3, rng)  # extra classes may be candidates, never the answer
             rng.shuffle(cands)
             # one image and rationale per seen class, asked under each prompt the later stages use (TAPO's RL
             # prompt, the open- and closed-world eval prompts): the tiny model does not transfer across prompt
@@ -797,7 +825,8 @@ def generate(out_dir, seed=0, classes_per_domain=16, shots=4, test_per_class=8, 
             # more closed-world questions on the same image, each with other seen distractors in another order,
             # the rationale's candidates = the options as listed: the candidate step can only be learnt as a copy
             for _ in range(closed_option_sets - 1):
-                opts = [c] + rng.sample([o for o in seen if o.name != c.name], min(3, len(seen) - 1))
+                others = [o for o in seen + extra if o.name != c.name]
+                opts = [c] + rng.sample(others, min(3, len(others)))
                 rng.shuffle(opts)
                 prompts.append(closed_prompt(rng.choice(EVAL_QUESTIONS).format(noun=dom.noun), [o.name for o in opts]))
                 cand_lists.append(opts)
@@ -929,11 +958,17 @@ def main():
     p.add_argument("--closed-option-sets", type=int, default=6,
                    help="closed-world SFT questions per seen class; beyond the first, each lists other random seen "
                         "classes as options and the rationale's candidates copy them")
+    p.add_argument("--extra-per-domain", type=int, default=0,
+                   help="seen classes per domain made 'extra': in the corpus like every class, and named as "
+                        "candidates and options in the SFT files, but never an answer there, with no training or "
+                        "test image (the classes a real base model knows outside the benchmark); 0 = none")
     p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), help="domains")
     p.add_argument("--workers", type=int, default=2, help="processes for image rendering (0 or 1: in-process)")
     args = p.parse_args()
     if args.closed_option_sets < 1:
         p.error(f"--closed-option-sets must be >= 1, got {args.closed_option_sets}")
+    if args.extra_per_domain < 0:
+        p.error(f"--extra-per-domain must be >= 0, got {args.extra_per_domain}")
     if not 0.0 <= args.quiz_cot <= 1.0:
         p.error(f"--quiz-cot must be in [0, 1], got {args.quiz_cot}")
     run = dict(seed=args.seed, classes_per_domain=args.classes_per_domain, shots=args.shots,
@@ -942,7 +977,8 @@ def main():
                name_noise=tuple(args.name_noise), pattern_frac=args.pattern_frac,
                instruct_per_image=args.instruct_per_image, instruct_name_frac=args.instruct_name_frac,
                quizzes=args.quizzes, quiz_cot=args.quiz_cot, comparison=args.comparison,
-               closed_option_sets=args.closed_option_sets, domains=tuple(args.domains), workers=args.workers)
+               closed_option_sets=args.closed_option_sets, extra_per_domain=args.extra_per_domain,
+               domains=tuple(args.domains), workers=args.workers)
     if args.check:
         diffs = generate(args.out, check=True, **run)
         if diffs:

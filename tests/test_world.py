@@ -318,6 +318,37 @@ def test_closed_option_sets_make_the_candidates_a_copy_of_the_options(tmp_path):
     assert len(lists) > len(seen)  # the option lists vary within a class
 
 
+def test_extra_classes_are_named_in_sft_but_never_answered_trained_or_tested(small, meta, tmp_path):
+    """--extra-per-domain K: K seen classes per domain become extra. The corpus is byte-identical (the base model
+    does not change); the extras appear as candidates or options of the SFT files but never as an answer, have no
+    training or test image, and no unseen class reaches a fine-tuning file."""
+    w = world.generate(tmp_path / "w", seed=3, **dict(SMALL, extra_per_domain=2))
+    m = json.loads((w / "world.json").read_text())
+    assert (w / "pretrain.json").read_bytes() == (small / "pretrain.json").read_bytes()
+    for d, info in m["domains"].items():
+        assert len(info["extra"]) == 2 and set(info["extra"]) <= set(meta["domains"][d]["seen"])
+        assert sorted(info["seen"] + info["extra"]) == sorted(meta["domains"][d]["seen"])
+        assert info["unseen"] == meta["domains"][d]["unseen"]
+        assert {c["name"] for c in info["classes"] if c["split"] == "extra"} == set(info["extra"])
+    extra = {n for info in m["domains"].values() for n in info["extra"]}
+    unseen = {n for info in m["domains"].values() for n in info["unseen"]}
+    sft = json.loads((w / "cot_sft.json").read_text())
+    answers = {re.search(r"<answer>(.+)</answer>", s["messages"][-1]["content"]).group(1) for s in sft}
+    named = {n for n in extra if any(n in s["messages"][1]["content"] + s["messages"][2]["content"] for s in sft)}
+    assert not answers & extra and named == extra
+    rl = [json.loads(x) for x in (w / "rl_train.jsonl").read_text().splitlines()]
+    assert not {r["answer"] for r in rl} & extra
+    images = [p for f in training_files(w) for p in re.findall(r'"(images/[^"]+)"', f.read_text())]
+    images += [json.loads(x)["image_path"] for f in w.glob("*_*seen.jsonl") for x in f.read_text().splitlines()]
+    assert not {class_of_path(m, p) for p in images} & extra
+    truths = {json.loads(x)["ground_truth"] for f in w.glob("*_*seen.jsonl") for x in f.read_text().splitlines()}
+    assert not truths & extra
+    fine_tuning = "".join(f.read_text() for f in training_files(w))
+    assert not [n for n in unseen if n in fine_tuning]
+    assert world.generate(tmp_path / "w", seed=3, check=True, **dict(SMALL, extra_per_domain=2)) == []
+    assert world.generate(tmp_path / "w", seed=3, check=True, **SMALL)  # another world: named as different
+
+
 def test_reasoned_quizzes_write_the_rationale_in_words_for_every_class(tmp_path):
     """--quiz-cot 1: every text-only quiz is answered with the four-part rationale, for seen AND unseen classes;
     under the closed prompt its candidates are the options as listed; replay.json keeps these quizzes."""
