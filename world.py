@@ -967,8 +967,10 @@ def main():
     args = p.parse_args()
     if args.closed_option_sets < 1:
         p.error(f"--closed-option-sets must be >= 1, got {args.closed_option_sets}")
-    if args.extra_per_domain < 0:
-        p.error(f"--extra-per-domain must be >= 0, got {args.extra_per_domain}")
+    n_seen = round(args.seen_frac * args.classes_per_domain)
+    if not 0 <= args.extra_per_domain <= n_seen - 2:
+        p.error(f"--extra-per-domain must be in 0..{n_seen - 2} (it takes seen classes, and {n_seen} seen classes "
+                f"leave at least 2 for the triplets), got {args.extra_per_domain}")
     if not 0.0 <= args.quiz_cot <= 1.0:
         p.error(f"--quiz-cot must be in [0, 1], got {args.quiz_cot}")
     run = dict(seed=args.seed, classes_per_domain=args.classes_per_domain, shots=args.shots,

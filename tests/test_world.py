@@ -451,6 +451,14 @@ def test_cli_writes_a_world(tmp_path):
             "bird_seen.jsonl", "bird_unseen.jsonl"} <= {p.name for p in out.iterdir()}
 
 
+def test_cli_rejects_more_extra_classes_than_the_seen_split_can_spare(tmp_path):
+    """16 classes, 60% seen = 10: at most 8 extra (2 seen classes stay for the triplets); the error says so."""
+    r = subprocess.run([sys.executable, str(ROOT / "world.py"), "--out", str(tmp_path / "w"),
+                        "--extra-per-domain", "9"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--extra-per-domain must be in 0..8" in r.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_check_accepts_its_own_world_names_what_differs_and_writes_nothing(small):
     """generate(check=True): [] for the arguments that made the world, one line per difference otherwise."""
     before = tree_digest(small)
