@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's claims over seeds on the embedded world: for each seed (world split, base, SFT and TAPO together)
 # the main job (run.sh into $ROOT/seedS, default out/seeds), then the TAPO ablations from that seed's CoT-SFT checkpoint, each
-# evaluated closed- and open-world, and CoT SFT and TAPO also sampled at temperature 1.0 (avg@8, closed world); then
+# evaluated closed- and open-world, and CoT SFT, TAPO and the variants also sampled at temperature 1.0 (avg@8, closed
+# world; 1-1.5 minutes per model on one core); then
 # mean ± std over seeds of every model and the four claims, checked ($ROOT/claims.md, $ROOT/claims.json; appended to
 # out/results.md). About 14 minutes per seed on 2 idle cores with SAMPLED=0 (stop 23), plus the sampled evaluations.
 # Variants other than the paper's ablations (no_intra, no_inter, dapo) are reported beside them, not as claim 4;
@@ -40,11 +41,13 @@ one_seed() {  # the main job and the ablations of seed $1, into $ROOT/seed$1
       echo "== tapo_$v: $(( $(date +%s) - t )) s" >> $O/timings.txt; }
     [ -e "$O/eval/$v/summary.json" ] || python eval.py --defaults world --model $O/ablate/$v/final --data $O/world --out $O/eval/$v --tag "$v"
   done
-  # what RL trains is the sampled policy: CoT SFT and TAPO also sampled 8 times per item at the release's temperature
-  # 1.0 (closed world, avg@8; README "Why TAPO's rollouts sample far below greedy"); SAMPLED=0 skips it
+  # what RL trains is the sampled policy: CoT SFT, TAPO and the variants also sampled 8 times per item at the
+  # release's temperature 1.0 (closed world, avg@8: where TAPO's effect shows first; README "Results", stop 25);
+  # SAMPLED=0 skips it
   if [ "${SAMPLED:-1}" = 1 ]; then
-    for m in sft_cot tapo; do
-      [ -e "$O/eval_t1/$m/summary_closed_samples8-t1.json" ] || python eval.py --defaults world --model $O/$m/final \
+    for m in sft_cot tapo $VARIANTS; do
+      local ck=$O/$m/final; [ "$m" = sft_cot ] || [ "$m" = tapo ] || ck=$O/ablate/$m/final
+      [ -e "$O/eval_t1/$m/summary_closed_samples8-t1.json" ] || python eval.py --defaults world --model $ck \
         --data $O/world --mode closed --samples 8 --temperature 1.0 --out $O/eval_t1/$m --tag "$m"
     done
   fi
@@ -111,19 +114,29 @@ for m in ["tapo"] + variants:
                      # how hard gamma x the inter-class KL pulls on log pi next to the clipped surrogate (run mean)
                      + (" %.2e |" % (sum(r["push_inter"] for r in rows) / max(1e-12, sum(r["push_pg"] for r in rows)))
                         if all("push_pg" in r for r in rows) else " - |"))
-# the same two models sampled at 1.0 (avg@8, closed world), where every seed has it
+# the models sampled at 1.0 (avg@8, closed world), where every seed has them: claims 3 and 4 on the sampled policy
 t1 = {m: [f"{root}/seed{s}/eval_t1/{m}/summary_closed_samples8-t1.json" for s in seeds] for m in ("sft_cot", "tapo")}
+t1.update({v: [f"{root}/seed{s}/eval_t1/{v}/summary_closed_samples8-t1.json" for s in seeds] for v in variants
+           if all(os.path.exists(f"{root}/seed{s}/eval_t1/{v}/summary_closed_samples8-t1.json") for s in seeds)})
+avg8 = {}
 if all(os.path.exists(f) for fs in t1.values() for f in fs):
     avg8 = {m: {sp: [json.load(open(f))["closed"][sp]["avg"]["avg@8"] for f in fs] for sp in ("seen", "unseen")}
             for m, fs in t1.items()}
     lines += ["", "Sampled at the release's temperature 1.0, 8 answers per item (avg@8, closed world, mean ± std, %):",
               "", "| model | closed seen avg@8 | closed unseen avg@8 |", "|---|---|---|"]
-    for m, name in (("sft_cot", "CoT SFT"), ("tapo", "CoT SFT + TAPO")):
-        lines.append(f"| {name} | " + " | ".join("%.1f ± %.1f" % ms(avg8[m][sp]) for sp in ("seen", "unseen")) + " |")
+    for m, name in models:
+        if m in avg8:
+            lines.append(f"| {name} | " + " | ".join("%.1f ± %.1f" % ms(avg8[m][sp]) for sp in ("seen", "unseen")) + " |")
+    lines.append("")
     for sp in ("seen", "unseen"):
         n = sum(b > a for a, b in zip(avg8["sft_cot"][sp], avg8["tapo"][sp]))
         up = statistics.mean(avg8["tapo"][sp]) > statistics.mean(avg8["sft_cot"][sp])
-        lines.append(f"\nTAPO > CoT SFT on {sp} avg@8: {'yes' if up else 'NO'} on the mean, {n}/{len(seeds)} seeds")
+        lines.append(f"TAPO > CoT SFT on {sp} avg@8: {'yes' if up else 'NO'} on the mean, {n}/{len(seeds)} seeds  ")
+    for v in (v for v in variants if v in ("no_intra", "no_inter", "dapo") and v in avg8):  # claim 4, sampled
+        d = {sp: [a - b for a, b in zip(avg8[v][sp], avg8["tapo"][sp])] for sp in ("seen", "unseen")}
+        lines.append(f"TAPO {v} <= full TAPO on avg@8: {'yes' if all(statistics.mean(x) <= 0 for x in d.values()) else 'NO'}"
+                     " on the mean (" + ", ".join("%s %+.1f, %d/%d seeds" % (sp, statistics.mean(x), sum(y <= 0 for y in x),
+                                                                         len(seeds)) for sp, x in d.items()) + ")  ")
 # where unseen answers go, and whether the CoT models write the rationale (closed world, greedy)
 lines += ["", "Closed-world answers per model, summed over seeds: rationale written (of all), unseen answers that "
           "name a seen class (of unseen):", "", "| model | rationale written | unseen -> a seen class |", "|---|---|---|"]
@@ -146,7 +159,7 @@ text = "\n".join(lines) + "\n"
 print(text)
 open(f"{root}/claims.md", "w").write(text)
 json.dump({"seeds": seeds, "per_seed": {m: {"/".join(c): v for c, v in d.items()} for m, d in per.items()},
-           "claims": {k: {"holds": ok, "seeds": n} for k, (ok, n) in claims.items()}}, open(f"{root}/claims.json", "w"), indent=1)
+           "claims": {k: {"holds": ok, "seeds": n} for k, (ok, n) in claims.items()}, "avg8_closed": avg8}, open(f"{root}/claims.json", "w"), indent=1)
 if os.path.exists("out/results.md"):
     open("out/results.md", "a").write("\n" + text)
 PY
