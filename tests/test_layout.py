@@ -18,6 +18,7 @@ LAYERS = [
     ("policy",),
     ("rollout", "training", "imagefolder", "supervised"),
     ("sft", "tapo", "eval", "bench"),
+    ("intervene",),
 ]
 LAYER = {m: i for i, ms in enumerate(LAYERS) for m in ms}
 
