@@ -47,7 +47,9 @@ def main():
         torch.save(sd, args.out)
     if args.export:
         save_checkpoint(args.export, model, proc, state={"step": 1}, rank=dist.rank)
-    distributed.teardown()
+    # the process ends in teardown, before destructors run: an FSDP2/DDP module freed after the group is gone can
+    # abort a rank at exit ("terminate called without an active exception": a rank of ckpt_worker.py, stop 26)
+    distributed.teardown(exit_process=True)
 
 
 if __name__ == "__main__":
