@@ -47,8 +47,7 @@ def main():
         torch.save(sd, args.out)
     if args.export:
         save_checkpoint(args.export, model, proc, state={"step": 1}, rank=dist.rank)
-    # the process ends in teardown, before destructors run: an FSDP2/DDP module freed after the group is gone can
-    # abort a rank at exit ("terminate called without an active exception": a rank of ckpt_worker.py, stop 26)
+    # ends the process before destructors run, as the stages do (why: ckpt_worker.py, distributed.teardown)
     distributed.teardown(exit_process=True)
 
 

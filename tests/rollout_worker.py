@@ -121,8 +121,7 @@ def main():
     got = distributed.all_gather_objects(res)  # collective: every rank sends its results
     if dist.master:
         torch.save(got, args.out)
-    # the process ends in teardown, before destructors run: an FSDP2/DDP module freed after the group is gone can
-    # abort a rank at exit ("terminate called without an active exception": a rank of ckpt_worker.py, stop 26)
+    # ends the process before destructors run, as the stages do (why: ckpt_worker.py, distributed.teardown)
     distributed.teardown(exit_process=True)
 
 

@@ -69,8 +69,7 @@ def main():
     mixed, _ = step_grads(model, processor, samples, prompt_lens, resp_ids, keys, MIXED, 1, dist)
     if dist.master:
         torch.save({"full": full, "one": one, "mixed": mixed, "norm_full": norm}, args.out)
-    # the process ends in teardown, before destructors run: an FSDP2/DDP module freed after the group is gone can
-    # abort a rank at exit ("terminate called without an active exception": a rank of ckpt_worker.py, stop 26)
+    # ends the process before destructors run, as the stages do (why: ckpt_worker.py, distributed.teardown)
     distributed.teardown(exit_process=True)
 
 
