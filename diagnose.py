@@ -24,6 +24,8 @@ parts back and checks them against the class table of world.json:
 An answer without a visual analysis (the base model's short "<think> The bird has A. </think>") is read for its
 stated attributes only ("colours right" counts it; the other columns do not). Every figure is a count over the
 answers of that split and decoding, so greedy (1 per item) and sampled (K per item) rows differ in size.
+
+`group_signal` reads TAPO's groups the same way (groups.py draws them from a checkpoint): where the reward varies.
 """
 import argparse
 import json
@@ -102,6 +104,41 @@ def anatomy(records, classes, patterns):
             c["with_options"] += 1
             c["candidates_are_options"] += set(p["candidates"]) == set(r["options"])
     return out
+
+
+def group_signal(groups, classes):
+    """Counts over TAPO groups [(ground truth, [(rollout text, accuracy)])]: which part of the rationale the reward
+    varies with. A group is "mixed" when some rollouts are right and some wrong (it survives dynamic sampling)."""
+    c = defaultdict(int)
+    for gt, rollouts in groups:
+        if gt not in classes:
+            raise ValueError(f"ground truth {gt!r} is not a class of this world")
+        desc = classes[gt][0]
+        analyses = [parse_rationale(text)["analysis"] for text, _ in rollouts]
+        right = [a == desc for a in analyses]
+        acc = [a >= 0.5 for _, a in rollouts]
+        mixed = 0 < sum(acc) < len(acc)
+        c["groups"] += 1
+        c["mixed"] += mixed
+        c["same_analysis"] += len(set(analyses)) == 1
+        c["mixed_perception"] += mixed and 0 < sum(right) < len(right)
+        c["rollouts"] += len(rollouts)
+        c["analysis_right"] += sum(right)
+        c["correct|right"] += sum(a for a, r in zip(acc, right) if r)
+        c["correct|wrong"] += sum(a for a, r in zip(acc, right) if not r)
+    return c
+
+
+GROUP_HEADER = ["| checkpoint | groups | mixed (survive) | one analysis in the whole group | mixed groups that split on "
+                "a right analysis | analysis right (rollouts) | acc given a right analysis | acc given a wrong analysis |",
+                "|---" * 8 + "|"]
+
+
+def group_row(name, c):
+    wrong = c["rollouts"] - c["analysis_right"]
+    return (f"| {name} | {c['groups']} | {frac(c['mixed'], c['groups'])} | {frac(c['same_analysis'], c['groups'])} | "
+            f"{frac(c['mixed_perception'], c['mixed'])} | {frac(c['analysis_right'], c['rollouts'])} | "
+            f"{frac(c['correct|right'], c['analysis_right'])} | {frac(c['correct|wrong'], wrong)} |")
 
 
 def frac(a, b):

@@ -95,6 +95,27 @@ def test_counts_predictions_outside_the_candidates(setup):
     assert (g["with_candidates"], g["prediction_outside"], g["correct|outside"]) == (3, 2, 1)
 
 
+def test_group_signal_separates_perception_from_lookup(setup):
+    """TAPO groups: a mixed group whose rollouts agree on the analysis varies by its lookup, one that splits on a right
+    analysis varies by perception; a group all right carries no signal; a right answer after a wrong analysis counts."""
+    d, seen, _ = setup
+    classes, _ = diagnose.load_world(d)
+    c, other = seen[0], min(seen[1:], key=lambda s: world.distance(s, seen[0]))
+    right = world.rationale(c, [c, other], "describe")
+    bad_lookup = right.replace(f"Prediction: {c.name}.", f"Prediction: {other.name}.").replace(
+        f"<answer>{c.name}</answer>", f"<answer>{other.name}</answer>")
+    misread = world.rationale(other, [other, c], "describe")               # reads the image as `other`, answers it
+    lucky = misread.replace(f"<answer>{other.name}</answer>", f"<answer>{c.name}</answer>")  # same, answers c
+    groups = [(c.name, [(right, 1.0), (bad_lookup, 0.0)]),             # lookup
+              (c.name, [(right, 1.0), (misread, 0.0), (lucky, 1.0)]),  # perception; one lucky right answer
+              (c.name, [(right, 1.0), (right, 1.0)])]                  # all right: dropped by dynamic sampling
+    g = diagnose.group_signal(groups, classes)
+    assert (g["groups"], g["mixed"], g["same_analysis"], g["mixed_perception"]) == (3, 2, 2, 1)
+    assert (g["rollouts"], g["analysis_right"], g["correct|right"], g["correct|wrong"]) == (7, 5, 4, 1)
+    with pytest.raises(ValueError, match="not a class of this world"):
+        diagnose.group_signal([("Nobody Wren", [(right, 1.0)])], classes)
+
+
 def test_colours_right_ignores_the_pattern(setup):
     d, seen, _ = setup
     classes, patterns = diagnose.load_world(d)

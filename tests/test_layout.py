@@ -18,7 +18,7 @@ LAYERS = [
     ("policy",),
     ("rollout", "training", "imagefolder", "supervised"),
     ("sft", "tapo", "eval", "bench"),
-    ("intervene",),
+    ("intervene", "groups"),
 ]
 LAYER = {m: i for i, ms in enumerate(LAYERS) for m in ms}
 
