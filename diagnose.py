@@ -21,6 +21,10 @@ parts back and checks them against the class table of world.json:
                        them and the model named a class from memory: on unseen classes, CoT SFT's candidates are
                        mostly seen look-alikes, so this is how it reaches an unseen answer)
     acc | outside      accuracy of those answers
+    wrong after right  the answers wrong although their analysis is right, by where the lookup lost the ground
+                       truth: left out (its name is not in the Comparison: the model wrote another name in its
+                       place), misremembered (compared with a description that is not its own), passed over
+                       (compared with its own description, equal to the analysis, and another class predicted)
 An answer without a visual analysis (the base model's short "<think> The bird has A. </think>") is read for its
 stated attributes only ("colours right" counts it; the other columns do not). Every figure is a count over the
 answers of that split and decoding, so greedy (1 per item) and sampled (K per item) rows differ in size.
@@ -38,6 +42,7 @@ import report
 
 ANALYSIS = re.compile(r"(?:Visual analysis: the|<think>\s*The) \w+ has (.*?)\.(?: Candidates|\s*</think>)")
 CANDIDATES = re.compile(r"Candidates: (.*?)\. Comparison")
+COMPARISON = re.compile(r"Comparison: (.*?)\. Prediction", re.S)
 PREDICTION = re.compile(r"Prediction: (.*?)\. ")
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 
@@ -49,6 +54,17 @@ def parse_rationale(text):
     return {"analysis": a.group(1).strip() if a else None, "rationale": "Visual analysis:" in text,
             "candidates": [x.strip() for x in c.group(1).split(",")] if c else [],
             "prediction": p.group(1).strip() if p else None, "answer": ans.group(1).strip() if ans else None}
+
+
+def parse_comparison(text):
+    """{candidate name: the description the Comparison recalls for it} (a name compared twice: its first)."""
+    c = COMPARISON.search(text)
+    out = {}
+    for part in c.group(1).split("; ") if c else ():
+        name, has, desc = part.partition(" has ")
+        if has:
+            out.setdefault(name.strip(), desc.strip())
+    return out
 
 
 def load_world(world_dir):
@@ -92,6 +108,10 @@ def anatomy(records, classes, patterns):
         if right:
             c["gt_in_candidates|right"] += r["ground_truth"] in p["candidates"]
             c["correct|right"] += bool(r["correct"])
+            if not r["correct"]:
+                recalled = parse_comparison(r["output"]).get(r["ground_truth"])
+                c["wrong|right"] += 1
+                c["left_out" if recalled is None else "passed_over" if recalled == gt_desc else "misremembered"] += 1
         pred = classes.get(p["prediction"])
         c["lookup_consistent"] += pred is not None and pred[0] == p["analysis"]
         c["answer_is_prediction"] += p["prediction"] is not None and p["prediction"] == p["answer"]
@@ -156,7 +176,8 @@ def table(name, counts):
                  frac(c["candidates_are_options"], c["with_options"]), frac(c["lookup_consistent"], c["rationales"]),
                  frac(c["correct|right"], c["analysis_right"]), frac(c["answer_is_prediction"], c["rationales"]),
                  frac(c["prediction_outside"], c["with_candidates"]),
-                 frac(c["correct|outside"], c["prediction_outside"])]
+                 frac(c["correct|outside"], c["prediction_outside"]),
+                 f"{c['wrong|right']}: {c['left_out']} / {c['misremembered']} / {c['passed_over']}"]
         rows.append(f"| {name} | {split} | {kind} | " + " | ".join(cells) + " |")
     return rows
 
@@ -164,7 +185,8 @@ def table(name, counts):
 HEADER = ["| eval | split | decoding | correct | colours right (of stated) | analysis right (of rationales) | "
           "wrong analyses that are a seen class | gt in candidates given a right analysis | candidates = options | "
           "lookup consistent | acc given a right analysis | answer = prediction | prediction outside the candidates | "
-          "acc given outside |", "|---" * 14 + "|"]
+          "acc given outside | wrong after a right analysis: gt left out / misremembered / passed over |",
+          "|---" * 15 + "|"]
 
 
 def read_items(folder, mode):

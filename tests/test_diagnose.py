@@ -95,6 +95,28 @@ def test_counts_predictions_outside_the_candidates(setup):
     assert (g["with_candidates"], g["prediction_outside"], g["correct|outside"]) == (3, 2, 1)
 
 
+def test_wrong_answers_after_a_right_analysis_say_where_the_lookup_lost_the_ground_truth(setup):
+    """Right analysis, wrong prediction: the ground truth's name left out of the Comparison, compared with another
+    class's description, or compared with its own and passed over; a right answer is none of these."""
+    d, seen, unseen = setup
+    classes, patterns = diagnose.load_world(d)
+    u, s0, s1 = unseen[0], seen[0], seen[1]
+
+    def predict(text, name):
+        return text.replace(f"Prediction: {u.name}.", f"Prediction: {name}.").replace(
+            f"<answer>{u.name}</answer>", f"<answer>{name}</answer>")
+    left_out = predict(world.rationale(u, [s0, s1], "describe"), s0.name)
+    misremembered = predict(world.rationale(u, [u, s0], "describe").replace(
+        f"{u.name} has {world.description(u)}", f"{u.name} has {world.description(s1)}"), s0.name)
+    passed_over = predict(world.rationale(u, [u, s0], "describe"), s0.name)
+    assert diagnose.parse_comparison(passed_over) == {u.name: world.description(u), s0.name: world.description(s0)}
+    recs = [record(u, t, "unseen", False) for t in (left_out, misremembered, misremembered, passed_over)]
+    recs.append(record(u, world.rationale(u, [u, s0], "describe"), "unseen", True))
+    g = diagnose.anatomy(recs, classes, patterns)[("unseen", "greedy")]
+    assert (g["analysis_right"], g["wrong|right"]) == (5, 4)
+    assert (g["left_out"], g["misremembered"], g["passed_over"]) == (1, 2, 1)
+
+
 def test_group_signal_separates_perception_from_lookup(setup):
     """TAPO groups: a mixed group whose rollouts agree on the analysis varies by its lookup, one that splits on a right
     analysis varies by perception; a group all right carries no signal; a right answer after a wrong analysis counts."""
