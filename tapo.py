@@ -350,19 +350,26 @@ def sample_groups(model, processor, rows, args, system, seed_base):
     stop = stop_token_ids(model, tok)  # every eos of the generation config, as vLLM / HF generate
     groups = [encode_group(processor, r, system, args.min_pixels, args.max_pixels) for r in rows]
     n_tok = 0
-    for side, n, offset in (("anchor", args.n1, 0), ("positive", args.n2, 500)):
-        if n == 0:
+    calls = [[("anchor", args.n1, 0)], [("positive", args.n2, 500)]]
+    if args.n1 == args.n2:  # one batched call for both images: the same rollouts (each has its own seeded
+        # generator; equal up to float rounding in the batched matmuls), 1.2-1.4x faster on CPU (stop 29)
+        calls = [calls[0] + calls[1]]
+    for call in calls:
+        call = [(side, n, offset) for side, n, offset in call if n > 0]
+        if not call:
             continue
-        batch = stack_prompts([g.prompts[side] for g in groups], tok.pad_token_id)
+        n = call[0][1]  # rows: side-major, then group, then sample
+        batch = stack_prompts([g.prompts[side] for side, _, _ in call for g in groups], tok.pad_token_id)
         # one generator per rollout, seeded from (step, attempt, rank, prompt, side, sample): replayable
-        seeds = [seed_base + 1000 * i + offset + j for i in range(len(groups)) for j in range(n)]
+        seeds = [seed_base + 1000 * i + offset + j for _, _, offset in call for i in range(len(groups)) for j in range(n)]
         ro = generate(model, batch, n=n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, stop_ids=stop, pad_id=tok.pad_token_id, seeds=seeds,
                       suppress_ids=vision_token_ids(tok))
         texts = decode(tok, ro)
         n_tok += int(ro.lengths.sum())
         for r, text in enumerate(texts):
-            g, L = groups[r // n], int(ro.lengths[r])
+            side = call[r // (n * len(groups))][0]
+            g, L = groups[(r // n) % len(groups)], int(ro.lengths[r])
             s = score(text, g.row.answer, mode=args.reward, acc_weight=args.acc_weight, fmt_weight=args.fmt_weight)
             g.samples.append(Sample(g, side, ro.tokens[r, :L].tolist(), text, ro.finish[r], ro.logprobs[r, :L].clone(),
                                     s["overall"], s["accuracy"], s["format"]))

@@ -255,3 +255,21 @@ def test_logged_push_is_each_terms_gradient_on_log_pi(tiny):
     assert sums["tokens"] == n_tok
     assert sums["push_pg"] == pytest.approx(sum(abs(s.adv) * len(s.ids) for s in samples), rel=1e-4)
     assert sums["push_inter"] == pytest.approx(COEF["gamma"] * (1 - math.exp(-0.3)) * n_tok, rel=1e-4)
+
+
+def test_one_generate_call_for_both_images_gives_the_rollouts_of_two(tiny, tiny_world):
+    """With n1 == n2 the anchor and positive rollouts are sampled in one batched call; every rollout is the one
+    the image's own call gives (each rollout has its own seeded generator), in the same order."""
+    from data import load_stage2
+    from tapo import sample_groups
+    model, proc = tiny
+    rows = load_stage2(str(tiny_world / "rl_train.jsonl"), None)[:3]
+    common = dict(max_new_tokens=12, temperature=1.0, top_p=0.99, min_pixels=0, max_pixels=0, reward="strict",
+                  acc_weight=0.9, fmt_weight=0.1)
+    def rollouts(n1, n2):
+        groups, _ = sample_groups(model, proc, rows, SimpleNamespace(n1=n1, n2=n2, **common), None, 777)
+        return [[(s.side, s.ids) for s in g.samples] for g in groups]
+    both = rollouts(2, 2)
+    anchor, positive = rollouts(2, 0), rollouts(0, 2)
+    assert both == [a + p for a, p in zip(anchor, positive)]
+    assert {side for g in both for side, _ in g} == {"anchor", "positive"}
