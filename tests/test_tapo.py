@@ -273,3 +273,15 @@ def test_one_generate_call_for_both_images_gives_the_rollouts_of_two(tiny, tiny_
     anchor, positive = rollouts(2, 0), rollouts(0, 2)
     assert both == [a + p for a, p in zip(anchor, positive)]
     assert {side for g in both for side, _ in g} == {"anchor", "positive"}
+
+
+def test_world_update_batch_takes_one_group_per_rank_when_ranks_outnumber_it(tmp_path, monkeypatch):
+    """The world profile's 2 groups per optimizer step become one per rank on more ranks (8 GPUs: 8, a divisor of
+    the 16-group RL step); on 2 ranks, or when --update-batch is given, the value stands."""
+    from tapo import get_args
+    common = ["--model", "tiny", "--data", str(tmp_path), "--defaults", "world", "--replay", "none"]
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert get_args(common).update_batch == 8
+    assert get_args(common + ["--update-batch", "16"]).update_batch == 16
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert get_args(common).update_batch == 2
