@@ -172,8 +172,9 @@ def get_args(argv=None):
     # ---- derived settings
     ranks = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; distributed.setup reads the same
     given = any(a.split("=")[0] == "--update-batch" for a in (sys.argv[1:] if argv is None else argv))
-    if profile == "world" and args.update_batch % ranks and not given:
-        # the world's 2 groups per optimizer step cannot split over more ranks: one group per rank instead
+    if profile == "world" and args.update_batch % ranks and args.rollout_batch % ranks == 0 and not given:
+        # the world's 2 groups per optimizer step cannot split over more ranks: one group per rank instead (a rank
+        # count that does not divide the RL step is refused at start by check_batch_sizes, naming the flag)
         args.update_batch = ranks
     data = Path(args.data or EMBEDDED_DATA)
     args.data = str(data / "rl_train.jsonl" if data.is_dir() else data)
