@@ -191,10 +191,12 @@ def token_logprobs(model, batch, score_mask=None, temperature=1.0, chunk=None):
     if score_mask is None:
         score_mask = batch["response_mask"]
     score_mask = score_mask.bool() & batch["attention_mask"].bool()
+    packed = batch.get("position_ids")  # (4, B, T): samples packed in rows (supervised.encode_packed_micro_batch)
     out = []
     with _logprob_head(model, batch["input_ids"], score_mask, temperature, chunk, out):
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              position_ids=rope_positions(model, batch), pixel_values=batch.get("pixel_values"),
+        model(input_ids=batch["input_ids"], attention_mask=None if packed is not None else batch["attention_mask"],
+              position_ids=packed if packed is not None else rope_positions(model, batch),
+              pixel_values=batch.get("pixel_values"),
               image_grid_thw=batch.get("image_grid_thw"), mm_token_type_ids=batch["mm_token_type_ids"],
               use_cache=False)
     return out[0]

@@ -79,8 +79,8 @@ import training
 from data import SYSTEM_PROMPT_R1, DataError
 from checkpoint import newest_checkpoint
 from policy import load_policy
-from supervised import WORLD_FILES, encode_micro_batch, epoch_batches, forward_backward, grouping_keys, \
-    load_mixture, micro_batch_cost, parse_sources, rank_micro_batches, tokenize, unscored_positions
+from supervised import WORLD_FILES, epoch_batches, forward_backward, grouping_keys, load_mixture, parse_sources, \
+    step_micro_batches, tokenize, unscored_positions
 
 EMBEDDED_DATA = Path("out/world")  # the embedded world (python world.py --out out/world)
 RUNS = {"pretrain": Path("out/base"), "cot": Path("out/sft_cot"), "nocot": Path("out/sft_nocot")}
@@ -100,14 +100,17 @@ RUNS = {"pretrain": Path("out/base"), "cot": Path("out/sft_cot"), "nocot": Path(
 # of 4 per rank, not 8, only splits the same 16-sample step differently (the same gradient up to float summation
 # order): 0.84x the time per step under DDP on 2 cores, measured, as a rank's two micro-batches of a length-sorted
 # batch pad less than one of 8.
+# Since stop 31 every world SFT packs its samples into rows (--pack; the same loss up to float rounding): side by
+# side on seed 29's world, base steps under 2-rank DDP 178-182 vs 225-234 ms (padding 10% vs 24%), CoT SFT steps
+# 138-157 vs 184-200 ms (16% vs 44%), identical losses to 4 decimals after 100-120 steps (out/exp/s31/bench_*.sh).
 BASE_PRESET = "tiny4"
 WORLD = {
     "pretrain": dict(lr=1e-3, warmup_steps=50, epochs=8, batch_size=16, micro_batch=4, max_length=512,
-                     min_pixels=0, max_pixels=0),
+                     min_pixels=0, max_pixels=0, pack=True),
     "cot": dict(lr=1e-3, warmup_steps=10, epochs=27, batch_size=8, micro_batch=8, max_length=512,
-                min_pixels=0, max_pixels=0, freeze=("vision", "embeddings", "mlp")),
+                min_pixels=0, max_pixels=0, freeze=("vision", "embeddings", "mlp"), pack=True),
     "nocot": dict(lr=1e-3, warmup_steps=10, epochs=27, batch_size=8, micro_batch=8, max_length=512,
-                  min_pixels=0, max_pixels=0, freeze=("vision", "embeddings", "mlp")),
+                  min_pixels=0, max_pixels=0, freeze=("vision", "embeddings", "mlp"), pack=True),
 }
 
 
@@ -165,6 +168,11 @@ def get_args(argv=None):
                     "first (release image_max_pixels: 589824; world: 0 = off)")
     ap.add_argument("--max-length", type=int, default=4096, help="tokens per sample (prompt + response); longer "
                     "responses are truncated (release cutoff: 4096; world: 512)")
+    ap.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
+                    help="pack several samples into each row (as wide as the step's longest sample), each attending "
+                    "only to itself with its own positions: no padding between samples, ranks evened by rows, "
+                    "--micro-batch then counts rows. The same loss up to float rounding (release: off; world: on "
+                    "for pretrain)")
     ap.add_argument("--length-grouping", choices=["micro", "global", "none"], default="micro",
                     help="micro: random global batches, each sorted by length into micro-batches (less padding, "
                     "same steps as none); global: also group whole batches by length (HF group_by_length; "
@@ -297,16 +305,13 @@ def main(argv=None):
         if epoch not in cache:
             cache = {epoch: epoch_batches(keys, args.batch_size, args.seed, epoch, group_batches)}
         batch = cache[epoch][b]
-        plan = rank_micro_batches(batch, keys, args.micro_batch, dist.world, group_micro)  # [rank][j] -> indices
         # every rank plans the whole step, so the step's token counts need no communication
         n_step = max(1, sum(len(resp_ids[i]) - len(unscored.get(i, ())) for i in batch))  # scored tokens, all ranks
-        real, padded = map(sum, zip(*(micro_batch_cost(mb, prompt_lens, resp_ids) for r in plan for mb in r)))
-
         # ---- forward / backward over this rank's micro-batches
-        mine = [(encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb or batch[:1], system,
-                                    dist.device, need_image=dist.world > 1, pixels=pixels, unscored=unscored),
-                 1.0 if mb else 0.0)
-                for mb in plan[dist.rank]]
+        mine, (real, padded) = step_micro_batches(
+            model, processor, samples, prompt_lens, resp_ids, keys, batch, args.micro_batch, dist.rank, dist.world,
+            pack=args.pack, group=group_micro, system=system, device=dist.device, need_image=dist.world > 1,
+            pixels=pixels, unscored=unscored)
         lr = args.lr * cosine_with_warmup(step, args.warmup_steps, total)
         nll = forward_backward(model, mine, n_step, dist.world, autocast)
 

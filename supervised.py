@@ -19,7 +19,8 @@ from PIL import Image
 
 from data import DataError, chat_messages, count_image_tokens, encode_prompts, encode_responses, \
     join_prompt_response, length_grouped_batches, load_image, load_stage1, parse_data_spec
-from policy import token_logprobs
+from distributed import unwrap
+from policy import rope_positions, token_logprobs
 
 WORLD_FILES = {"cot": "cot_sft.json", "nocot": "sft_nocot.json", "pretrain": "pretrain.json"}
 
@@ -168,6 +169,123 @@ def encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, system, 
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def packed_micro_batches(batch, lengths, micro, world):
+    """One global batch -> ([rank][j] -> rows, width): `--pack`'s plan. Each row is a list of sample indices whose
+    lengths (prompt + response) sum to at most `width`, the batch's longest sample (first-fit decreasing); rows,
+    fullest first, are dealt round-robin to ranks and cut into micro-batches of `micro` rows, the same count on
+    every rank, of near-equal row counts (an empty list: no row left for this slot, the caller runs a zero-weight
+    copy). A padded token costs
+    what a real one does, so the plan evens rows, not samples: on the world's pretraining corpus (2 ranks, 16-sample
+    steps) the longest rank's padded tokens drop to 0.69x those of `rank_micro_batches` (out/exp/s31/padsim.py)."""
+    width = max(lengths[i] for i in batch)
+    rows = []  # [fill, [indices]]
+    for i in sorted(batch, key=lambda i: (-lengths[i], i)):
+        row = next((r for r in rows if r[0] + lengths[i] <= width), None)
+        if row is None:
+            rows.append([lengths[i], [i]])
+        else:
+            row[0] += lengths[i]
+            row[1].append(i)
+    rows = [r for _, r in sorted(rows, key=lambda r: -r[0])]  # stable: ties keep creation order
+    per_rank = [rows[r::world] for r in range(world)]
+    n = max(1, math.ceil(max(len(p) for p in per_rank) / micro))  # micro-batches per rank, near-equal in rows
+    return [[p[j * len(p) // n:(j + 1) * len(p) // n] for j in range(n)] for p in per_rank], width
+
+
+def packed_cost(rows, lengths):
+    """(real tokens, padded tokens) of a packed micro-batch: rows as wide as its fullest row."""
+    fills = [sum(lengths[i] for i in r) for r in rows]
+    return sum(fills), max(fills, default=0) * len(rows)
+
+
+def encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids, rows, system, device,
+                              need_image=False, pixels=(None, None), unscored=None):
+    """`rows` (lists of sample indices) packed one after another into the rows of a teacher-forcing batch.
+
+    Each sample keeps its own positions (M-RoPE, from `rope_positions` on the ordinary padded batch) and attends
+    only to itself: `position_ids` is (4, R, T), text positions first, restarting at 0 at every sample, which
+    HF's Qwen2.5-VL reads as packed sequences when no attention mask is given (block-diagonal causal mask on
+    SDPA / eager; varlen on FlashAttention-2). `attention_mask` still marks the real tokens (for the score mask);
+    token_logprobs does not pass it to the model. pixel_values / image_grid_thw are reordered to the packed
+    order, since the model fills image tokens row-major. A text-only micro-batch with need_image gets the blank
+    image (encode_micro_batch) as one more short sample, in the row with room for it, else in a row of its own.
+    Log-probs equal those of encode_micro_batch's padded batch to float rounding (tests/test_sft.py).
+    """
+    idxs = [i for r in rows for i in r]
+    enc = encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, system, "cpu", need_image,
+                             pixels, unscored)
+    pos3 = rope_positions(model, enc)  # (3, B, T), on the CPU: index arithmetic, no weights
+    real = enc["attention_mask"].bool()
+    n_real = real.sum(1).tolist()
+    slots, k = [], 0  # rows of the padded batch per packed row
+    for r in rows:
+        slots.append(list(range(k, k + len(r))))
+        k += len(r)
+    if k < len(n_real):  # the blank image sample
+        width = max((sum(n_real[b] for b in sl) for sl in slots), default=0)
+        fill = [sum(n_real[b] for b in sl) for sl in slots]
+        room = [j for j in range(len(slots)) if fill[j] + n_real[k] <= width]
+        if room:
+            slots[min(room, key=lambda j: fill[j])].append(k)
+        else:
+            slots.append([k])
+    T = max(sum(n_real[b] for b in sl) for sl in slots)
+    R, pad = len(slots), processor.tokenizer.pad_token_id
+    out = {"input_ids": torch.full((R, T), pad, dtype=enc["input_ids"].dtype),
+           "attention_mask": torch.zeros(R, T, dtype=enc["attention_mask"].dtype),
+           "mm_token_type_ids": torch.zeros(R, T, dtype=enc["mm_token_type_ids"].dtype),
+           "response_mask": torch.zeros(R, T, dtype=torch.bool),
+           "position_ids": torch.zeros(4, R, T, dtype=pos3.dtype)}
+    grid = enc.get("image_grid_thw")
+    has_image = (enc["input_ids"] == unwrap(model).config.image_token_id).any(1).tolist()
+    patch_rows, img_of, start = [], {}, 0  # the padded batch's images, in its row order
+    for b in range(len(n_real)):
+        if has_image[b]:
+            n = int(grid[len(patch_rows)].prod())
+            img_of[b] = len(patch_rows)
+            patch_rows.append(slice(start, start + n))
+            start += n
+    order = []
+    for j, sl in enumerate(slots):
+        t = 0
+        for b in sl:
+            n = n_real[b]
+            for key in ("input_ids", "attention_mask", "mm_token_type_ids", "response_mask"):
+                out[key][j, t:t + n] = enc[key][b][real[b]]
+            out["position_ids"][0, j, t:t + n] = torch.arange(n)
+            out["position_ids"][1:, j, t:t + n] = pos3[:, b][:, real[b]]
+            if b in img_of:
+                order.append(img_of[b])
+            t += n
+        out["position_ids"][0, j, t:] = torch.arange(T - t) + (out["position_ids"][0, j, t - 1] + 1 if t else 0)
+    if order:
+        out["pixel_values"] = torch.cat([enc["pixel_values"][patch_rows[o]] for o in order])
+        out["image_grid_thw"] = grid[order]
+    return {key: v.to(device) for key, v in out.items()}
+
+
+def step_micro_batches(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro, rank, world, *,
+                       pack=False, group=True, system=None, device="cpu", need_image=False, pixels=(None, None),
+                       unscored=None, weight=1.0):
+    """One optimizer step's global `batch` -> (this rank's [(encoded micro-batch, weight)], (real, padded) tokens
+    of the whole step). Every rank plans the whole step (no communication) and gets the same number of micro-
+    batches; a slot with nothing left runs a zero-weight copy of the batch's first sample (lockstep forwards).
+    pack: rows of several samples (packed_micro_batches), else padded micro-batches (rank_micro_batches)."""
+    if pack:
+        lengths = {i: prompt_lens[i] + len(resp_ids[i]) for i in batch}
+        plan, _ = packed_micro_batches(batch, lengths, micro, world)
+        cost = [packed_cost(mb, lengths) for r in plan for mb in r]
+        encode, empty = (lambda *a, **k: encode_packed_micro_batch(model, *a, **k)), [batch[:1]]
+    else:
+        plan = rank_micro_batches(batch, keys, micro, world, group)
+        cost = [micro_batch_cost(mb, prompt_lens, resp_ids) for r in plan for mb in r]
+        encode, empty = encode_micro_batch, batch[:1]
+    mine = [(encode(processor, samples, prompt_lens, resp_ids, mb or empty, system, device, need_image=need_image,
+                    pixels=pixels, unscored=unscored), weight if mb else 0.0)
+            for mb in plan[rank]]
+    return mine, tuple(map(sum, zip(*cost)))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The loss
 
@@ -216,7 +334,7 @@ class Replay:
     """
 
     def __init__(self, spec, processor, system, *, coef, batch, micro, max_length, pixels=(None, None),
-                 image_root=None, seed=0, images_only=False):
+                 image_root=None, seed=0, images_only=False, pack=False):
         self.samples = load_mixture(spec, "cot", image_root, seed)  # DataError naming the file and record
         if images_only:  # --freeze language: a text-only sample would reach no trainable parameter (as sft.py)
             self.samples = [x for x in self.samples if x.image is not None]
@@ -224,6 +342,7 @@ class Replay:
             raise DataError(f"--replay {spec}: no sample" + (" with an image" if images_only else ""))
         self.processor, self.system, self.pixels = processor, system, pixels
         self.coef, self.batch, self.micro, self.seed = coef, min(batch, len(self.samples)), micro, seed
+        self.pack = pack  # samples packed in rows (step_micro_batches)
         self.prompt_lens, self.resp_ids, self.truncated = tokenize(self.samples, processor, system, max_length, pixels)
         self.unscored = unscored_positions(processor.tokenizer, self.samples, self.resp_ids)
         self.keys = grouping_keys(self.prompt_lens, self.resp_ids)
@@ -240,10 +359,9 @@ class Replay:
     def backward(self, model, k, device, rank, world, need_image=False):
         """Accumulate coef x L of the k-th replay batch into the gradients. -> (this rank's summed NLL, N_step)."""
         batch = self.indices(k)
-        plan = rank_micro_batches(batch, self.keys, self.micro, world)  # [rank][j] -> indices, same count per rank
         n_step = max(1, sum(len(self.resp_ids[i]) - len(self.unscored.get(i, ())) for i in batch))
-        mine = [(encode_micro_batch(self.processor, self.samples, self.prompt_lens, self.resp_ids, mb or batch[:1],
-                                    self.system, device, need_image=need_image, pixels=self.pixels,
-                                    unscored=self.unscored), self.coef if mb else 0.0)
-                for mb in plan[rank]]
+        mine, _ = step_micro_batches(model, self.processor, self.samples, self.prompt_lens, self.resp_ids, self.keys,
+                                     batch, self.micro, rank, world, pack=self.pack, system=self.system,
+                                     device=device, need_image=need_image, pixels=self.pixels,
+                                     unscored=self.unscored, weight=self.coef)
         return float(forward_backward(model, mine, n_step, world)) / self.coef, n_step

@@ -75,8 +75,11 @@ EMBEDDED_SFT = Path("out/sft_cot")  # the main job's CoT-SFT run: the default po
 # at this lr the clipped ratio almost never binds (clip fraction <= 0.003 of tokens), so the step's rollouts carry 4x the
 # updates of update_batch 8 at ~1.25x the time per step (the one generate call for both images of sample_groups pays
 # most of it back); the reward rises on every seed (README, "Stop 29").
+# The replay packs its samples into rows (--replay-pack, since stop 31): 7.97-8.22 s per step against 8.97-9.43 padded,
+# the same rewards and replay NLLs over 4 steps (seed 29, 2 ranks, side by side; out/exp/s31/bench_tapo.sh).
 WORLD = dict(max_new_tokens=160, rollout_batch=16, update_batch=2, micro_batch=16, max_steps=20, lr=4e-5,
-             min_pixels=0, max_pixels=0, replay="replay.json:0.5,analysis_replay.json:3", replay_coef=3.0)
+             min_pixels=0, max_pixels=0, replay="replay.json:0.5,analysis_replay.json:3", replay_coef=3.0,
+             replay_pack=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,6 +144,8 @@ def get_args(argv=None):
     add("--replay-coef", type=float, default=0.0, help="weight of the replay NLL in the loss (release: 0, off; "
         "world: 3)")
     add("--replay-batch", type=int, default=16, help="replay samples per optimizer step, all ranks together")
+    add("--replay-pack", action=argparse.BooleanOptionalAction, default=False, help="pack several replay samples "
+        "into each row, as sft.py --pack: the same loss up to float rounding, less padding (world: on)")
     add("--reward", choices=["strict", "official"], default="strict", help="accuracy check (Δ10)")
     add("--acc-weight", type=float, default=0.9, help="reward weight of accuracy (release: 0.9)")
     add("--fmt-weight", type=float, default=0.1, help="reward weight of the format (release: 0.1)")
@@ -644,7 +649,7 @@ def main(argv=None):
             replay = Replay(args.replay, processor, system, coef=args.replay_coef, batch=args.replay_batch,
                             micro=args.micro_batch, max_length=args.max_prompt_length + args.max_new_tokens,
                             pixels=(args.min_pixels, args.max_pixels), image_root=args.image_root, seed=args.seed,
-                            images_only="language" in args.freeze)
+                            images_only="language" in args.freeze, pack=args.replay_pack)
         except DataError as e:
             raise SystemExit(f"tapo.py: bad --replay data: {e}") from None
         dist.print(f"replay: {len(replay.samples)} samples from {args.replay}, {replay.batch} per optimizer step "

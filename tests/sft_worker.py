@@ -35,12 +35,11 @@ def grads(model):
     return out
 
 
-def step_grads(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro, dist):
-    plan = supervised.rank_micro_batches(batch, keys, micro, dist.world)
+def step_grads(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro, dist, pack=False):
     n_step = sum(len(resp_ids[i]) for i in batch)
-    mine = [(supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb or batch[:1], None,
-                                           dist.device, need_image=dist.world > 1), 1.0 if mb else 0.0)
-            for mb in plan[dist.rank]]
+    mine, _ = supervised.step_micro_batches(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro,
+                                            dist.rank, dist.world, pack=pack, device=dist.device,
+                                            need_image=dist.world > 1)
     supervised.forward_backward(model, mine, n_step, dist.world)
     norm = training.clip_grad_norm(model, 0.0)
     g = grads(model)
@@ -54,6 +53,7 @@ def main():
     ap.add_argument("--mode", default="none", choices=["none", "ddp", "fsdp"])
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--pack", action="store_true", help="rows of several samples (sft.py --pack)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist = distributed.setup("cpu")
@@ -64,9 +64,10 @@ def main():
     model = distributed.wrap(model, args.mode, dist)
     model.train()
     full, norm = step_grads(model, processor, samples, prompt_lens, resp_ids, keys, list(range(len(samples))),
-                            args.micro, dist)
-    one, _ = step_grads(model, processor, samples, prompt_lens, resp_ids, keys, [len(samples) - 1], args.micro, dist)
-    mixed, _ = step_grads(model, processor, samples, prompt_lens, resp_ids, keys, MIXED, 1, dist)
+                            args.micro, dist, args.pack)
+    one, _ = step_grads(model, processor, samples, prompt_lens, resp_ids, keys, [len(samples) - 1], args.micro, dist,
+                        args.pack)
+    mixed, _ = step_grads(model, processor, samples, prompt_lens, resp_ids, keys, MIXED, 1, dist, args.pack)
     if dist.master:
         torch.save({"full": full, "one": one, "mixed": mixed, "norm_full": norm}, args.out)
     # ends the process before destructors run, as the stages do (why: ckpt_worker.py, distributed.teardown)

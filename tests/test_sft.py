@@ -58,13 +58,12 @@ def prepared(path, system=None):
     return model, processor, samples, prompt_lens, resp_ids
 
 
-def step_grads(model, processor, samples, prompt_lens, resp_ids, micro, batch=None):
+def step_grads(model, processor, samples, prompt_lens, resp_ids, micro, batch=None, pack=False):
     """Gradient of one optimizer step over `batch` (default: every sample), one process."""
     keys = supervised.grouping_keys(prompt_lens, resp_ids)
     batch = list(range(len(samples))) if batch is None else batch
-    (plan,) = supervised.rank_micro_batches(batch, keys, micro, world=1)
-    mbs = [(supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb, None, "cpu"), 1.0)
-           for mb in plan]
+    mbs, _ = supervised.step_micro_batches(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro, 0, 1,
+                                           pack=pack)
     nll = supervised.forward_backward(model, mbs, sum(len(resp_ids[i]) for i in batch), world=1)
     # a text-only step leaves the vision tower without gradient in one process (zero under 2 ranks)
     g = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
@@ -135,17 +134,63 @@ def test_micro_batch_size_does_not_change_the_gradient(stage1):
         torch.testing.assert_close(g1[k], g8[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_packed_rows_give_the_padded_batchs_log_probs(stage1):
+    """--pack: samples packed into rows (own positions, block-diagonal attention, images reordered) give every
+    response token the log-prob of the ordinary padded batch (1e-5); images of several sizes, text-only samples."""
+    model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
+    lengths = [p + len(r) for p, r in zip(prompt_lens, resp_ids)]
+    (plan,), width = supervised.packed_micro_batches(list(range(len(samples))), lengths, micro=8, world=1)
+    rows = [r for mb in plan for r in mb]
+    assert len(rows) < len(samples), "the fixture must put several samples in a row"
+    idxs = [i for r in rows for i in r]
+    packed = supervised.encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids, rows, None, "cpu")
+    padded = supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, None, "cpu")
+    assert packed["input_ids"].shape[1] <= width and packed["input_ids"].numel() < padded["input_ids"].numel()
+    with torch.no_grad():
+        a, b = token_logprobs(model, packed), token_logprobs(model, padded)
+    # both hold the samples in the order idxs, each response left to right: row-major order matches
+    torch.testing.assert_close(a[packed["response_mask"]], b[padded["response_mask"]], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_step_gives_the_padded_gradient(stage1):
+    """One optimizer step with --pack (rows of several samples) has the padded step's gradient (1e-6)."""
+    model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
+    g, nll = step_grads(model, processor, samples, prompt_lens, resp_ids, micro=2)
+    gp, nllp = step_grads(model, processor, samples, prompt_lens, resp_ids, micro=2, pack=True)
+    assert abs(nll - nllp) < 1e-4 * abs(nll)
+    for k in g:
+        torch.testing.assert_close(gp[k], g[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("n, micro, world", [(16, 4, 2), (16, 1, 2), (5, 2, 4), (1, 4, 2), (9, 3, 1)])
+def test_packed_plan_keeps_every_sample_once_within_the_width_and_ranks_in_lockstep(n, micro, world):
+    """packed_micro_batches: each sample in exactly one row, no row longer than the batch's longest sample, at
+    most `micro` rows per micro-batch, the same number of micro-batches on every rank, and fewer rows than samples
+    whenever two samples fit in the width."""
+    lengths = [40 + (37 * i) % 190 for i in range(n)]
+    plan, width = supervised.packed_micro_batches(list(range(n)), lengths, micro, world)
+    rows = [r for rk in plan for mb in rk for r in mb]
+    assert width == max(lengths) and sorted(i for r in rows for i in r) == list(range(n))
+    assert all(sum(lengths[i] for i in r) <= width for r in rows)
+    assert len({len(rk) for rk in plan}) == 1 and all(len(mb) <= micro for rk in plan for mb in rk)
+    if n > 1 and sorted(lengths)[0] + sorted(lengths)[1] <= width:
+        assert len(rows) < n
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-pack"])
 def test_two_ranks_give_the_single_process_gradient(mode, stage1, tmp_path):
-    """2 ranks (DDP / FSDP2, gloo) give the 1-process gradient (1e-6): the whole batch at micro-batch 2, a
-    1-sample step (one rank idle) and a step where one rank's micro-batch is text-only and the other's not."""
+    """2 ranks (DDP / FSDP2, gloo; DDP with --pack's rows) give the 1-process gradient (1e-6): the whole batch at
+    micro-batch 2, a 1-sample step (one rank idle) and a step where one rank's micro-batch is text-only and the
+    other's not."""
     from sft_worker import MIXED
     model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
     ref = {"full": step_grads(model, processor, samples, prompt_lens, resp_ids, micro=8)[0],
            "one": step_grads(model, processor, samples, prompt_lens, resp_ids, 1, [len(samples) - 1])[0],
            "mixed": step_grads(model, processor, samples, prompt_lens, resp_ids, 1, MIXED)[0]}
     out = tmp_path / f"{mode}.pt"
-    run(["tests/sft_worker.py", "--data", str(stage1), "--mode", mode, "--micro", "2", "--out", str(out)], nproc=2)
+    mode, pack = mode.split("-")[0], ["--pack"] if mode.endswith("-pack") else []
+    run(["tests/sft_worker.py", "--data", str(stage1), "--mode", mode, "--micro", "2", "--out", str(out), *pack],
+        nproc=2)
     got = torch.load(out)
     for step in ref:
         for k in ref[step]:
@@ -217,10 +262,13 @@ def test_replay_batches_cover_every_sample_once_per_epoch_and_depend_only_on_see
     assert a.indices(0) != a.indices(3) or a.indices(1) != a.indices(4)  # a new shuffle each epoch
 
 
-def test_replay_gradient_is_coef_times_the_sft_step_gradient(stage1):
-    """Replay.backward at coef 0.5, in micro-batches of 2, gives 0.5 x the gradient of one SFT step on its batch."""
+@pytest.mark.parametrize("pack", [False, True])
+def test_replay_gradient_is_coef_times_the_sft_step_gradient(stage1, pack):
+    """Replay.backward at coef 0.5, in micro-batches of 2 (padded, or rows of several samples: tapo.py
+    --replay-pack), gives 0.5 x the gradient of one padded SFT step on its batch."""
     model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
-    replay = supervised.Replay(str(stage1), processor, None, coef=0.5, batch=5, micro=2, max_length=512, seed=1)
+    replay = supervised.Replay(str(stage1), processor, None, coef=0.5, batch=5, micro=2, max_length=512, seed=1,
+                               pack=pack)
     model.zero_grad(set_to_none=True)
     nll, n_step = replay.backward(model, 1, "cpu", rank=0, world=1)
     got = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
