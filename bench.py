@@ -2,7 +2,7 @@
 
     python bench.py logprobs   # peak memory of the naive log-softmax gather vs the chunked head (policy.py)
     python bench.py rollout    # TAPO's rollout workload: rollout.generate vs HF generate, tokens/s and memory
-    python bench.py sft        # SFT step tokens/s, 1 process vs 2-rank DDP; padding with / without length grouping
+    python bench.py sft        # SFT step tokens/s, 1 process vs 2-rank DDP (padded / packed rows); padding per plan
     python bench.py topp       # top-p filtering per decode step: the top-k prefix vs one full sort per row
     python bench.py collectives  # collectives per decode step on 2 ranks: FSDP2 sharded vs rollout.gathered vs DDP
     python bench.py gpu        # on a GPU, < 8 min: rollout ours vs HF at ~0.5B / 3B shapes, fraction of the
@@ -324,9 +324,9 @@ def _sft_step(args):
     times = []
     for _ in range(args.steps + 1):  # the first step warms up and is not counted
         t0 = time.perf_counter()
-        plan = supervised.rank_micro_batches(batch, keys, args.micro, dist.world)
-        mbs = [(supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, mb, None, dist.device), 1.0)
-               for mb in plan[dist.rank]]
+        mbs, _ = supervised.step_micro_batches(model, processor, samples, prompt_lens, resp_ids, keys, batch,
+                                               args.micro, dist.rank, dist.world, pack=args.pack, device=dist.device,
+                                               need_image=dist.world > 1)
         supervised.forward_backward(model, mbs, n_step, dist.world)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -460,8 +460,9 @@ def bench_sft(args):
           f"{args.micro}; 1 process x {cores} threads vs 2-rank DDP (gloo) x {max(1, cores // 2)} threads")
     one = _torchrun(1, step, cores)
     ddp = _torchrun(2, step, max(1, cores // 2))
-    for name, r in (("1 process", one), ("DDP x 2", ddp)):
-        print(f"  {name:9s} {r['step_s']:6.3f} s/step  {r['tok_s']:8.0f} tok/s  ({r['tokens']} tokens/step)")
+    ddp_pack = _torchrun(2, step + ["--pack"], max(1, cores // 2))  # sft.py --pack: several samples per row
+    for name, r in (("1 process", one), ("DDP x 2", ddp), ("DDP x 2, packed rows", ddp_pack)):
+        print(f"  {name:20s} {r['step_s']:6.3f} s/step  {r['tok_s']:8.0f} tok/s  ({r['tokens']} tokens/step)")
 
     # padding: one epoch plan (3 epochs) of the pretraining + CoT mixture, micro-batches of --micro
     _, processor = load_policy(args.preset)
@@ -469,6 +470,14 @@ def bench_sft(args):
     prompt_lens, resp_ids, _ = supervised.tokenize(samples, processor, None, 4096)
     pad = {}
     keys = supervised.grouping_keys(prompt_lens, resp_ids)
+    lengths = [p + len(r) for p, r in zip(prompt_lens, resp_ids)]
+    real = padded = 0
+    for epoch in range(3):
+        for b in supervised.epoch_batches(keys, 32, 0, epoch, False):
+            for mb in supervised.packed_micro_batches(b, lengths, args.micro, 1)[0][0]:
+                r, q = supervised.packed_cost(mb, lengths)
+                real, padded = real + r, padded + q
+    pad["packed"] = 1 - real / padded
     hf_keys = [p + len(r) for p, r in zip(prompt_lens, resp_ids)]  # HF's key: total length
     for name, k, group_batches, group_micro in (("grouped", keys, False, True), ("global", keys, True, True),
                                                 ("global_hf_key", hf_keys, True, True), ("random", keys, False, False)):
@@ -481,7 +490,8 @@ def bench_sft(args):
         pad[name] = 1 - real / padded
     print(f"  padding, {len(samples)} pretrain + CoT samples, 3 epochs, batch 32, micro-batch {args.micro}: grouped "
           f"within batches (sft.py default) {pad['grouped']:.3f}, random {pad['random']:.3f}; whole batches grouped "
-          f"too (--length-grouping global) {pad['global']:.3f}, the same by total length (HF) {pad['global_hf_key']:.3f}")
+          f"too (--length-grouping global) {pad['global']:.3f}, the same by total length (HF) {pad['global_hf_key']:.3f}; "
+          f"packed rows (--pack) {pad['packed']:.3f}")
 
     mfu = "n/a"
     if torch.cuda.is_available():
@@ -493,6 +503,7 @@ def bench_sft(args):
               f"MFU {r['mfu']}, max memory {r['max_mem_gib']:.1f} GiB")
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else f"{r['tflops_per_gpu']:.0f}TFLOPs"
     print(f"sft tok_s_1={one['tok_s']:.0f} tok_s_ddp2={ddp['tok_s']:.0f} ddp2_speedup={ddp['tok_s'] / one['tok_s']:.2f} "
+          f"pack_speedup_ddp2={ddp_pack['tok_s'] / ddp['tok_s']:.2f} pad_packed={pad['packed']:.3f} "
           f"pad_grouped={pad['grouped']:.3f} pad_random={pad['random']:.3f} pad_global={pad['global']:.3f} "
           f"mfu_3b_fsdp_bf16={mfu}")
 
@@ -801,6 +812,7 @@ def main():
         t.add_argument(a)
     for a in ("--batch", "--micro", "--steps"):
         t.add_argument(a, type=int)
+    t.add_argument("--pack", action="store_true")
     m = sub.add_parser("_sft_mfu", help=argparse.SUPPRESS)
     m.add_argument("--shape", default="3b", choices=["3b", "small"])
     m.add_argument("--micro", type=int, default=4)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper in miniature, end to end on the embedded world (CPU, 10-17 minutes on 2 cores: 567-994 s measured):
+# The paper in miniature, end to end on the embedded world (CPU, 12-14 minutes on 2 cores: 713-851 s measured):
 #   world -> base model (pretraining corpus) -> CoT SFT (+ the answer-only SFT baseline) -> TAPO -> eval.
 # Each stage is one line; a stage whose output exists is skipped (delete $OUT/<stage> to redo it).
 #   bash run.sh                          # seed 0 into out/

@@ -61,6 +61,10 @@ Deviations and choices:
     assistant text is the start of a longer answer and is scored without the closing <|im_end|>; `"unscored":
     [[start, end], ...]`, character spans of the assistant text whose tokens stay in the input but carry no
     loss (and do not count in N_step). The world's analysis_replay.json uses both (world.py).
+10. `--pack` (the world profile's default, off for the release): a step's samples go first-fit into rows as wide
+    as its longest sample, each sample with its own positions and attending only to itself (HF's packed-sequence
+    path), rows dealt evenly to ranks (supervised.packed_micro_batches): the same loss up to float rounding, with
+    less padding and no whole blank rows (the blank image rides in a row with room). --micro-batch counts rows.
 TODO: every rank loads the full fp32 model before sharding (fine to 7B on a large host; meta-device init +
 rank-0 broadcast would lower host memory). Images are decoded in the training loop (no DataLoader workers).
 """

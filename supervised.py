@@ -172,11 +172,11 @@ def encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, system, 
 def packed_micro_batches(batch, lengths, micro, world):
     """One global batch -> ([rank][j] -> rows, width): `--pack`'s plan. Each row is a list of sample indices whose
     lengths (prompt + response) sum to at most `width`, the batch's longest sample (first-fit decreasing); rows,
-    fullest first, are dealt round-robin to ranks and cut into micro-batches of `micro` rows, the same count on
-    every rank, of near-equal row counts (an empty list: no row left for this slot, the caller runs a zero-weight
-    copy). A padded token costs
-    what a real one does, so the plan evens rows, not samples: on the world's pretraining corpus (2 ranks, 16-sample
-    steps) the longest rank's padded tokens drop to 0.69x those of `rank_micro_batches` (out/exp/s31/padsim.py)."""
+    fullest first, are dealt round-robin to ranks and cut into micro-batches of at most `micro` rows, the same
+    count on every rank, of near-equal row counts (an empty list: no row left for this slot, the caller runs a
+    zero-weight copy). A padded token costs what a real one does, so the plan evens rows, not samples: on the
+    world's pretraining corpus (2 ranks, 16-sample steps, one epoch) the longest rank's tokens, padding included,
+    drop to 0.69x those of `rank_micro_batches` (counted on the plans, stop 31)."""
     width = max(lengths[i] for i in batch)
     rows = []  # [fill, [indices]]
     for i in sorted(batch, key=lambda i: (-lengths[i], i)):

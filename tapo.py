@@ -35,7 +35,8 @@ Deviations and choices (README "Deviations (Δ)"):
     `--epochs` by the release's formula (release_steps).
  9. Not in the paper or the release: `--replay FILES --replay-coef C` adds C x the SFT loss on a batch of Stage-1
     samples to every optimizer step (supervised.Replay; InstructGPT's PPO-ptx). Off by default; the embedded
-    world uses it (WORLD below) to keep what its 0.7M model knows of the unseen classes.
+    world uses it (WORLD below) to keep what its 0.7M model knows of the unseen classes. `--replay-pack` (world:
+    on) packs its samples several to a row, as sft.py --pack.
 """
 import argparse
 import json
