@@ -313,13 +313,16 @@ def _sft_step(args):
     from policy import load_policy
     dist = distributed.setup("cpu")
     model, processor = load_policy(args.preset, seed=0)
-    samples = supervised.load_mixture(str(Path(args.world) / "cot_sft.json"))
+    samples = supervised.load_mixture(str(Path(args.world) / f"{args.source}.json"))
     prompt_lens, resp_ids, _ = supervised.tokenize(samples, processor, None, 4096)
     keys = supervised.grouping_keys(prompt_lens, resp_ids)
     model = distributed.wrap(model, "ddp" if dist.world > 1 else "none", dist)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    batch = list(range(min(args.batch, len(samples))))
+    # the CoT file's first samples (near-equal lengths); a seeded draw of the pretraining mix (captions, attribute
+    # answers, knowledge texts: lengths 39-236 tokens, what the world's base trains on)
+    batch = (list(range(min(args.batch, len(samples)))) if args.source == "cot_sft"
+             else supervised.epoch_batches(keys, args.batch, 0, 0, group=False)[0])
     n_step = sum(len(resp_ids[i]) for i in batch)
     times = []
     for _ in range(args.steps + 1):  # the first step warms up and is not counted
@@ -454,15 +457,18 @@ def bench_sft(args):
     from policy import load_policy
     world = _sft_world(args.world)
     cores = args.threads or os.cpu_count() or 1
-    step = ["_sft_step", "--world", str(world), "--preset", args.preset, "--batch", str(args.batch),
+    step = ["_sft_step", "--world", str(world), "--preset", args.preset, "--source", "cot_sft", "--batch", str(args.batch),
             "--micro", str(args.micro), "--steps", str(args.steps)]
     print(f"sft: {args.preset} preset, fp32 CPU, global batch {args.batch} CoT samples of {world}, micro-batch "
           f"{args.micro}; 1 process x {cores} threads vs 2-rank DDP (gloo) x {max(1, cores // 2)} threads")
     one = _torchrun(1, step, cores)
     ddp = _torchrun(2, step, max(1, cores // 2))
     ddp_pack = _torchrun(2, step + ["--pack"], max(1, cores // 2))  # sft.py --pack: several samples per row
-    for name, r in (("1 process", one), ("DDP x 2", ddp), ("DDP x 2, packed rows", ddp_pack)):
-        print(f"  {name:20s} {r['step_s']:6.3f} s/step  {r['tok_s']:8.0f} tok/s  ({r['tokens']} tokens/step)")
+    mix = [a if a != "cot_sft" else "pretrain" for a in step]  # the base's pretraining mix, padded vs packed
+    mix_pad, mix_pack = _torchrun(2, mix, max(1, cores // 2)), _torchrun(2, mix + ["--pack"], max(1, cores // 2))
+    for name, r in (("1 process", one), ("DDP x 2", ddp), ("DDP x 2, packed rows", ddp_pack),
+                    ("pretrain mix, DDP x 2", mix_pad), ("  the same, packed rows", mix_pack)):
+        print(f"  {name:24s} {r['step_s']:6.3f} s/step  {r['tok_s']:8.0f} tok/s  ({r['tokens']} tokens/step)")
 
     # padding: one epoch plan (3 epochs) of the pretraining + CoT mixture, micro-batches of --micro
     _, processor = load_policy(args.preset)
@@ -503,7 +509,8 @@ def bench_sft(args):
               f"MFU {r['mfu']}, max memory {r['max_mem_gib']:.1f} GiB")
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else f"{r['tflops_per_gpu']:.0f}TFLOPs"
     print(f"sft tok_s_1={one['tok_s']:.0f} tok_s_ddp2={ddp['tok_s']:.0f} ddp2_speedup={ddp['tok_s'] / one['tok_s']:.2f} "
-          f"pack_speedup_ddp2={ddp_pack['tok_s'] / ddp['tok_s']:.2f} pad_packed={pad['packed']:.3f} "
+          f"pack_speedup_ddp2={ddp_pack['tok_s'] / ddp['tok_s']:.2f} "
+          f"pack_speedup_pretrain_ddp2={mix_pack['tok_s'] / mix_pad['tok_s']:.2f} pad_packed={pad['packed']:.3f} "
           f"pad_grouped={pad['grouped']:.3f} pad_random={pad['random']:.3f} pad_global={pad['global']:.3f} "
           f"mfu_3b_fsdp_bf16={mfu}")
 
@@ -810,6 +817,7 @@ def main():
     t = sub.add_parser("_sft_step", help=argparse.SUPPRESS)
     for a in ("--world", "--preset"):
         t.add_argument(a)
+    t.add_argument("--source", default="cot_sft", choices=["cot_sft", "pretrain"])
     for a in ("--batch", "--micro", "--steps"):
         t.add_argument(a, type=int)
     t.add_argument("--pack", action="store_true")
