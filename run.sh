@@ -12,6 +12,7 @@
 #   WORLD_FLAGS="--knowledge-repeats 3 --name-frac 0.5 --instruct-name-frac 0.7" SFT_EXTRA="--freeze none" \
 #   TAPO_FLAGS="--defaults world --lr 1e-4" BASE_NPROC=1 ANALYSIS_REPLAY=0 COT_STEPS=200 bash run.sh
 #                                        # the world and recipe before that (README, "Results", earlier recipes)
+#   PACK=0 bash run.sh                   # padded micro-batches instead of packed rows (the realisation before stop 31)
 # With one process per stage (NPROC=1, the default) independent stages share the two cores: the answer-only SFT
 # and the first two evaluations run beside CoT SFT, and CoT SFT's evaluation beside TAPO's, in the background (logs
 # in $OUT/logs/); SERIAL=1 runs everything in the foreground, one stage after the other. Results do not depend on it.
@@ -61,8 +62,10 @@ W=$OUT/world
 stage world      $W/world.json           python world.py --out $W --seed "$SEED" ${WORLD_FLAGS:-}
 # a world folder left by a run with another seed or other world flags would be reused, with every stage after it
 python world.py --check --out $W --seed "$SEED" ${WORLD_FLAGS:-}
+# packed rows (sft.py --pack, tapo.py --replay-pack: the world profile's default) or, with PACK=0, padded micro-batches
+if [ "${PACK:-1}" = 0 ]; then SFT_PACK="--no-pack"; TAPO_PACK="--no-replay-pack"; else SFT_PACK=""; TAPO_PACK=""; fi
 stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --variant pretrain --model ${PRESET:-tiny4} --data $W --out $OUT/base --seed "$SEED" \
-                                           --epochs ${BASE_EPOCHS:-8}
+                                           --epochs ${BASE_EPOCHS:-8} $SFT_PACK
 # CoT SFT and its answer-only baseline: the same images, prompts and lr, each with a replay of half of
 # replay.json, the pretraining corpus minus its short prompt-format samples (README, deviations: the tiny model
 # otherwise forgets what the base knew; the base's short answers would compete with the rationale)
@@ -72,7 +75,7 @@ stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --var
 # (analysis_replay.json, README Δ: fitted to 30 images, the analysis otherwise drifts to the seen classes), in
 # twice the steps: its mixture is twice as large, so both SFTs make the same number of passes over their data
 # (ANALYSIS_REPLAY=0 COT_STEPS=200: the previous recipe, without it)
-SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --warmup-steps 10 ${SFT_EXTRA:-}"
+SFT_FLAGS="--defaults world --lr ${SFT_LR:-5e-4} --warmup-steps 10 $SFT_PACK ${SFT_EXTRA:-}"
 AR_DATA=""; if [ "${ANALYSIS_REPLAY:-3}" != 0 ]; then AR_DATA=",$W/analysis_replay.json:${ANALYSIS_REPLAY:-3}"; fi
 evaluate() {  # evaluate MODEL...: closed- and open-world, seen and unseen, into $OUT/eval/MODEL
   local m
@@ -93,7 +96,7 @@ stage sft_cot    $OUT/sft_cot/final      $RUN sft.py --model $OUT/base/final \
                                            $SFT_FLAGS --max-steps ${COT_STEPS:-400} --out $OUT/sft_cot --seed "$SEED"
 join
 TAPO_FLAGS=${TAPO_FLAGS:-"--defaults world"}
-stage tapo       $OUT/tapo/final         $RUN_TAPO tapo.py --model $OUT/sft_cot/final --data $W --out $OUT/tapo --seed "$SEED" $TAPO_FLAGS
+stage tapo       $OUT/tapo/final         $RUN_TAPO tapo.py --model $OUT/sft_cot/final --data $W --out $OUT/tapo --seed "$SEED" $TAPO_FLAGS $TAPO_PACK
 beside eval_sft_cot evaluate sft_cot
 evaluate tapo
 join
