@@ -175,8 +175,7 @@ def get_args(argv=None):
     ap.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
                     help="pack several samples into each row (as wide as the step's longest sample), each attending "
                     "only to itself with its own positions: no padding between samples, ranks evened by rows, "
-                    "--micro-batch then counts rows. The same loss up to float rounding (release: off; world: on "
-                    "for pretrain)")
+                    "--micro-batch then counts rows. The same loss up to float rounding (release: off; world: on)")
     ap.add_argument("--length-grouping", choices=["micro", "global", "none"], default="micro",
                     help="micro: random global batches, each sorted by length into micro-batches (less padding, "
                     "same steps as none); global: also group whole batches by length (HF group_by_length; "

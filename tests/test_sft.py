@@ -177,9 +177,9 @@ def test_packed_plan_keeps_every_sample_once_within_the_width_and_ranks_in_locks
         assert len(rows) < n
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-pack"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-pack", "fsdp-pack"])
 def test_two_ranks_give_the_single_process_gradient(mode, stage1, tmp_path):
-    """2 ranks (DDP / FSDP2, gloo; DDP with --pack's rows) give the 1-process gradient (1e-6): the whole batch at
+    """2 ranks (DDP / FSDP2, gloo; each also with --pack's rows) give the 1-process gradient (1e-6): the whole batch at
     micro-batch 2, a 1-sample step (one rank idle) and a step where one rank's micro-batch is text-only and the
     other's not."""
     from sft_worker import MIXED
