@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper in miniature, end to end on the embedded world (CPU, 12-14 minutes on 2 cores: 713-851 s measured):
+# The paper in miniature, end to end on the embedded world (CPU, 11-14 minutes on 2 cores: 680-851 s measured):
 #   world -> base model (pretraining corpus) -> CoT SFT (+ the answer-only SFT baseline) -> TAPO -> eval.
 # Each stage is one line; a stage whose output exists is skipped (delete $OUT/<stage> to redo it).
 #   bash run.sh                          # seed 0 into out/
@@ -34,12 +34,15 @@ if [ "$BASE_NPROC" -gt 1 ]; then RUN_BASE="torchrun --standalone --nproc_per_nod
 TAPO_NPROC=${TAPO_NPROC:-$(( NPROC > 1 ? NPROC : 2 ))}
 if [ "$TAPO_NPROC" -gt 1 ]; then RUN_TAPO="torchrun --standalone --nproc_per_node $TAPO_NPROC"; else RUN_TAPO="python"; fi
 T0=$(date +%s)
-stage() {  # stage NAME DONE_PATH CMD...: run CMD unless DONE_PATH exists; time it
+stage() {  # stage NAME DONE_PATH CMD...: run CMD unless DONE_PATH exists; time it, with its number of processes
   local name=$1 done=$2; shift 2
   if [ -e "$done" ]; then echo "== $name: $done exists, skipped"; return; fi
+  local procs=1 prev="" a
+  for a in "$@"; do if [ "$prev" = --nproc_per_node ]; then procs=$a; fi; prev=$a; done
   echo "== $name: $*"; local t=$(date +%s)
   "$@"
-  echo "== $name: $(( $(date +%s) - t )) s" | tee -a "$OUT/timings.txt"
+  local unit=processes; if [ "$procs" = 1 ]; then unit=process; fi
+  echo "== $name: $(( $(date +%s) - t )) s on $procs $unit" | tee -a "$OUT/timings.txt"
 }
 PIDS=()
 # a failed or interrupted run leaves no background stage behind
@@ -103,5 +106,9 @@ join
 python eval.py --table $OUT/eval/base:"Base (pretrained)" $OUT/eval/sft_nocot:"SFT w/o CoT" \
   $OUT/eval/sft_cot:"CoT SFT" $OUT/eval/tapo:"CoT SFT + TAPO" --table-out $OUT/results
 echo "== total $(( $(date +%s) - T0 )) s (this invocation); stage times in $OUT/timings.txt"
+# every stage runs one single-threaded process per core it holds, so the run's work is the sum of stage seconds x
+# processes; on 2 cores no schedule takes less than half of it (README, "Stop 32": run.sh stays within 2.5% of that)
+awk '/^== .*: [0-9]+ s on [0-9]+ process/ { w += $(NF-4) * $(NF-1) }
+     END { if (w) printf "== work: %d core-seconds (stage seconds x processes, timings.txt); on 2 cores at least %d s\n", w, w / 2 }' "$OUT/timings.txt"
 echo "== report: $OUT/results.html (all models side by side), $OUT/eval/<model>/report.html (one each)"
 echo "== curves: $OUT/base/curves.png $OUT/sft_cot/curves.png $OUT/sft_nocot/curves.png $OUT/tapo/curves.png"
