@@ -1,6 +1,7 @@
 """The project's layering and its one configuration mechanism."""
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,27 @@ def test_run_sh_trains_the_base_sft_py_would():
     assert preset and epochs, "run.sh no longer passes --model ${PRESET:-...} --epochs ${BASE_EPOCHS:-...}"
     assert preset.group(1) == sft.BASE_PRESET
     assert float(epochs.group(1)) == sft.WORLD["pretrain"]["epochs"]
+
+
+def test_run_sh_work_line_sums_stage_seconds_times_processes(tmp_path):
+    """run.sh's stage() records each stage's processes (torchrun --nproc_per_node, else 1) and its closing work
+    line is the sum of seconds x processes over timings.txt, half of it the 2-core bound (README "Stop 32")."""
+    text = (ROOT / "run.sh").read_text()
+    stage = re.search(r"^stage\(\) \{.*?^\}$", text, re.S | re.M)
+    work = re.search(r"^awk '/\^== .*?\"\$OUT/timings.txt\"$", text, re.S | re.M)
+    assert stage and work, "run.sh no longer defines stage() and the closing awk work line"
+    script = (f"set -euo pipefail\nOUT={tmp_path}\n{stage.group(0)}\n"
+              "stage two /nonexistent true torchrun --standalone --nproc_per_node 2 sft.py --x\n"  # `true` runs, no torchrun
+              "stage one /nonexistent true python eval.py\n"
+              f"stage done {tmp_path} true python never.py\n"  # output exists: skipped, not timed
+              "echo '== base: 421 s on 2 processes' >> $OUT/timings.txt\n"
+              "echo '== sft_cot: 73 s on 1 process' >> $OUT/timings.txt\n"
+              "echo '== tapo_old: 99 s' >> $OUT/timings.txt\n"  # ablate.sh's lines carry no process count
+              f"{work.group(0)}\n")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    lines = (tmp_path / "timings.txt").read_text().splitlines()
+    assert lines[:2] == ["== two: 0 s on 2 processes", "== one: 0 s on 1 process"]
+    assert "== work: 915 core-seconds" in out and "at least 457 s" in out  # 421 x 2 + 73
 
 
 def test_bare_resume_means_newest_checkpoint(tmp_path):
