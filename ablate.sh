@@ -27,6 +27,8 @@ declare -A FLAGS=(
   [sft_freeze]="--freeze vision,embeddings,mlp"  # only the decoder's attention and norms learn (the world SFT's freeze)
   [no_replay]="--replay none --lr 2e-5"      # the release's TAPO, no replay of the base's corpus (world Δ), at the
                                              # lr the world used without it
+  [replay_only]="--rl-coef 0"                # the control: the same run with only the replay's gradient (what RL adds
+                                             # beside the replay; README "Stop 34")
 )
 # the ablations train as the main job's TAPO does (run.sh: TAPO_NPROC, default 2 processes)
 NPROC=${NPROC:-1}; TAPO_NPROC=${TAPO_NPROC:-$(( NPROC > 1 ? NPROC : 2 ))}

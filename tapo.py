@@ -137,6 +137,9 @@ def get_args(argv=None):
     add("--eta1", type=float, default=0.03, help="weight of mean(-log pi) on the rollout image (paper: 0.03)")
     add("--eta2", type=float, default=0.03, help="weight of mean(-log pi_neg), no gradient (paper: 0.03)")
     add("--no-inter", action="store_true", help="ablation: gamma = eta2 = 0 and no negative-image forward")
+    add("--rl-coef", type=float, default=1.0, help="weight of the TAPO objective's gradient in each update "
+        "(1 = the paper). 0 = the replay-only control: the same run (rollouts, steps, replay), only the "
+        "replay's gradient, to tell what RL adds beside the world's replay (README, claim 3)")
     add("--kl-ref", type=float, default=0.0, help="weight beta of a k3 KL to the initial policy (release: none, Δ5)")
     add("--replay", metavar="FILE[:W],...", help="Stage-1 files trained beside RL with the SFT loss (weight "
         "--replay-coef, --replay-batch samples per optimizer step; a world deviation, README Δ); weights as sft.py "
@@ -203,6 +206,8 @@ def get_args(argv=None):
         home = Path(args.data).parent
         args.replay = ",".join(f"{home / p if not Path(p).exists() and (home / p).exists() else p}:{w:g}"
                                for p, w in sources)
+    if args.rl_coef < 0 or (args.rl_coef == 0 and not args.replay):
+        ap.error("--rl-coef must be >= 0, and 0 (the replay-only control) needs a --replay to train")
     if (args.replay_coef > 0) != bool(args.replay):
         ap.error("--replay FILES and --replay-coef > 0 go together (--replay none turns the replay off)")
     if args.n1 + args.n2 < 2:
@@ -490,8 +495,9 @@ def pad_right(tensors, L):
     return out
 
 
-def accumulate_grads(model, mini, n_micro, n_tok_global, coef, args, pad_id, world):
-    """Forward + backward of one mini-batch of this rank's samples in n_micro micro-batches (gradients add up).
+def accumulate_grads(model, mini, n_micro, n_tok_global, coef, args, pad_id, world, scale=1.0):
+    """Forward + backward of one mini-batch of this rank's samples in n_micro micro-batches (gradients add up),
+    the objective's gradient times `scale` (--rl-coef; 0 = the replay-only control: no gradient, the same log).
 
     The loss is a token-level mean over the mini-batch's response tokens on ALL ranks (n_tok_global): each
     token contributes tok_loss / n_tok_global, whatever the micro-batch split or the world size (Δ6). A rank
@@ -519,7 +525,7 @@ def accumulate_grads(model, mini, n_micro, n_tok_global, coef, args, pad_id, wor
         push_inter = (coef["gamma"] * torch.autograd.grad((parts["k"] * mask).sum(), lp, retain_graph=True)[0].abs()
                       if parts["k"] is not None else torch.zeros_like(lp))
         # token-level mean over the global mini-batch; DDP / FSDP2 average gradients over ranks, hence x world
-        ((tok_loss * mask).sum() / n_tok_global * world).backward()
+        ((tok_loss * mask).sum() / n_tok_global * world * scale).backward()
         with torch.no_grad():
             k = parts["k"] if parts["k"] is not None else torch.zeros_like(lp)
             kc = parts["k_clamped"] if parts["k_clamped"] is not None else torch.zeros_like(mask, dtype=torch.bool)
@@ -548,7 +554,7 @@ def update(model, opt, samples, args, dist, pad_id, replay=None, step=0, need_im
     for m, (mini, nt, nm) in enumerate(zip(minis, n_tok.tolist(), n_micro.tolist())):
         if nt == 0:
             continue  # nothing survived anywhere: no update (logged as kept 0)
-        sums += accumulate_grads(model, mini, int(nm), nt, coef, args, pad_id, dist.world)
+        sums += accumulate_grads(model, mini, int(nm), nt, coef, args, pad_id, dist.world, scale=args.rl_coef)
         if replay is not None:  # the same decision and micro-batch count on every rank (nt is global)
             nll, n = replay.backward(model, step * n_mini + m, dist.device, dist.rank, dist.world, need_image)
             replay_sums = [replay_sums[0] + nll, replay_sums[1] + n]

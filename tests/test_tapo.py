@@ -190,7 +190,7 @@ def test_non_finite_gradient_norm_skips_the_step(tiny, monkeypatch):
         s.old, s.neg = lp, lp - 0.3
     args = SimpleNamespace(temperature=1.0, intra_condition="positive", micro_batch=3, rollout_batch=1,
                            update_batch=1, n1=2, n2=1, grad_clip=1.0, **{k: v for k, v in COEF.items() if k != "beta"},
-                           kl_ref=0.0)
+                           kl_ref=0.0, rl_coef=1.0)
     dist = SimpleNamespace(world=1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -221,6 +221,41 @@ def test_overlong_prompts_are_skipped_and_counted(tiny, tmp_path):
     args = SimpleNamespace(min_pixels=0, max_pixels=0, max_prompt_length=200)
     keep, skipped = within_prompt_cap(rows, proc, None, args)
     assert [r.image for r in keep] == [str(tmp_path / "small.png")] and skipped == 1
+
+
+def test_rl_coef_zero_leaves_no_gradient_and_the_same_log(tiny):
+    """--rl-coef 0 (the replay-only control): the objective backpropagates nothing, and its logged sums are those
+    of the full objective (the run logs what its policy's rollouts would have been trained on)."""
+    from tapo import response_logprobs, update_side
+    model, proc = tiny
+    pad = proc.tokenizer.pad_token_id
+    samples = _fake_samples(proc)
+    upd = [update_side(s, "positive") for s in samples]
+    for s, lp in zip(samples, response_logprobs(model, samples, upd, pad, 1.0, 6)):
+        s.old, s.neg = lp - 0.05, lp - 0.3
+    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", micro_batch=3)
+    n_tok = float(sum(len(s.ids) for s in samples))
+    out = {}
+    for scale in (1.0, 0.0):
+        model.zero_grad(set_to_none=True)
+        sums = accumulate_grads(model, samples, 2, n_tok, COEF, cfg, pad, 1, scale=scale)
+        grad = sum(p.grad.abs().sum().item() for p in model.parameters() if p.grad is not None)
+        out[scale] = (sums, grad)
+    model.zero_grad(set_to_none=True)
+    assert out[1.0][1] > 0 and out[0.0][1] == 0.0
+    assert torch.equal(out[1.0][0], out[0.0][0])
+
+
+def test_rl_coef_zero_needs_a_replay(tmp_path):
+    """The replay-only control without a replay would train nothing: a clear error, as a negative weight."""
+    from tapo import get_args
+    for name in ("replay.json", "analysis_replay.json"):
+        (tmp_path / name).write_text("[]")
+    common = ["--model", "tiny", "--data", str(tmp_path), "--defaults", "world"]
+    assert get_args(common + ["--rl-coef", "0"]).rl_coef == 0.0
+    for bad in (["--rl-coef", "0", "--replay", "none"], ["--rl-coef", "-1"]):
+        with pytest.raises(SystemExit):
+            get_args(common + bad)
 
 
 def test_replay_none_turns_off_the_world_profiles_replay(tmp_path):
