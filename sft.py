@@ -65,6 +65,10 @@ Deviations and choices:
     as its longest sample, each sample with its own positions and attending only to itself (HF's packed-sequence
     path), rows dealt evenly to ranks (supervised.packed_micro_batches): the same loss up to float rounding, with
     less padding and no whole blank rows (the blank image rides in a row with room). --micro-batch counts rows.
+11. With --pack, each sample's encoding (tokens, image patches, M-RoPE positions) is kept after its first use,
+    up to --encode-cache-mb per process (supervised.EncodeCache), and later epochs read it back: the same batches
+    bit for bit, without re-reading images and re-running the processor (the world's base model: 572 MiB for
+    its whole corpus in one process; under 2-rank DDP each rank holds what it has met).
 TODO: every rank loads the full fp32 model before sharding (fine to 7B on a large host; meta-device init +
 rank-0 broadcast would lower host memory). Images are decoded in the training loop (no DataLoader workers).
 """
@@ -83,8 +87,8 @@ import training
 from data import SYSTEM_PROMPT_R1, DataError
 from checkpoint import newest_checkpoint
 from policy import load_policy
-from supervised import WORLD_FILES, epoch_batches, forward_backward, grouping_keys, load_mixture, parse_sources, \
-    step_micro_batches, tokenize, unscored_positions
+from supervised import WORLD_FILES, EncodeCache, epoch_batches, forward_backward, grouping_keys, load_mixture, \
+    parse_sources, step_micro_batches, tokenize, unscored_positions
 
 EMBEDDED_DATA = Path("out/world")  # the embedded world (python world.py --out out/world)
 RUNS = {"pretrain": Path("out/base"), "cot": Path("out/sft_cot"), "nocot": Path("out/sft_nocot")}
@@ -176,6 +180,9 @@ def get_args(argv=None):
                     help="pack several samples into each row (as wide as the step's longest sample), each attending "
                     "only to itself with its own positions: no padding between samples, ranks evened by rows, "
                     "--micro-batch then counts rows. The same loss up to float rounding (release: off; world: on)")
+    ap.add_argument("--encode-cache-mb", type=float, default=1024, help="with --pack: keep up to this many MiB of "
+                    "encoded samples (tokens, image patches, positions) per process for later epochs, instead of "
+                    "re-reading and re-encoding them; the same batches bit for bit (0 = off)")
     ap.add_argument("--length-grouping", choices=["micro", "global", "none"], default="micro",
                     help="micro: random global batches, each sorted by length into micro-batches (less padding, "
                     "same steps as none); global: also group whole batches by length (HF group_by_length; "
@@ -301,6 +308,7 @@ def main(argv=None):
         return
     bar = tqdm(total=total, initial=start, disable=not dist.master, desc="sft", dynamic_ncols=True)
     cache = {}
+    encoded = EncodeCache(args.encode_cache_mb) if args.pack and args.encode_cache_mb > 0 else None
     step = start
     while step < total:
         t0 = time.time()
@@ -314,7 +322,7 @@ def main(argv=None):
         mine, (real, padded) = step_micro_batches(
             model, processor, samples, prompt_lens, resp_ids, keys, batch, args.micro_batch, dist.rank, dist.world,
             pack=args.pack, group=group_micro, system=system, device=dist.device, need_image=dist.world > 1,
-            pixels=pixels, unscored=unscored)
+            pixels=pixels, unscored=unscored, cache=encoded)
         lr = args.lr * cosine_with_warmup(step, args.warmup_steps, total)
         nll = forward_backward(model, mine, n_step, dist.world, autocast)
 
@@ -353,7 +361,9 @@ def main(argv=None):
     else:
         save("final", step)
         dist.print(f"done: {step} steps, {tokens_seen} tokens, {elapsed0 + time.time() - t_start:.0f} s -> "
-                   f"{out / 'final'}")
+                   f"{out / 'final'}" + (f" (encode cache: {len(encoded.pieces)} samples, {encoded.nbytes / 2 ** 20:.0f} "
+                                        f"MiB, {encoded.hits} of {encoded.hits + encoded.misses} read back)"
+                                        if encoded else ""))
     bar.close()
     distributed.teardown(exit_process=True)
 

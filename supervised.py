@@ -198,84 +198,136 @@ def packed_cost(rows, lengths):
     return sum(fills), max(fills, default=0) * len(rows)
 
 
+class EncodeCache:
+    """Encoded samples kept across steps for packed rows (sft.py, tapo.py's replay; `--encode-cache-mb`).
+
+    A sample's prompt and response tokens, its image's patches and its M-RoPE positions depend on the sample alone
+    (and on the run's processor, system prompt and pixel budget, fixed per run), so a sample met again in a later
+    epoch is read back instead of reloading its image, re-running the processor and the rope index (a world base
+    model's 8 epochs: ~10% of a step's time, README "Stop 35"). The rows built from it are the same tensors bit for
+    bit (tests/test_sft.py). Bounded: once `max_mb` MiB are held, samples not yet held are encoded each time. Keys
+    are indices into the caller's sample list: one cache per list.
+    """
+
+    def __init__(self, max_mb):
+        self.max_bytes, self.nbytes, self.pieces = int(max_mb * 2 ** 20), 0, {}
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        piece = self.pieces.get(key)
+        self.hits, self.misses = self.hits + (piece is not None), self.misses + (piece is None)
+        return piece
+
+    def put(self, key, piece):
+        size = sum(v.nbytes for v in piece.values() if torch.is_tensor(v))
+        if self.nbytes + size <= self.max_bytes:  # own copies: a view would keep its whole batch alive
+            self.pieces[key] = {k: v.clone() if torch.is_tensor(v) else v for k, v in piece.items()}
+            self.nbytes += size
+
+
+BLANK = "blank"  # the cache key of encode_micro_batch's blank image sample (need_image on a text-only micro-batch)
+
+
+def sample_pieces(model, processor, samples, prompt_lens, resp_ids, idxs, system, pixels=(None, None),
+                  unscored=None, blank=False, cache=None):
+    """Each sample of `idxs` (and, with blank, the blank image sample) encoded alone: {input_ids, attention_mask,
+    mm_token_type_ids, response_mask (n,): its n real tokens; pos3 (3, n): its M-RoPE positions; pixel_values,
+    image_grid_thw: its image's patches and grid, or None}. Read from `cache` where held; the rest are encoded
+    together as one padded batch (encode_micro_batch) and cut into samples, which leaves each sample's tokens,
+    patches and positions as they are (padding gets no position, rope_positions)."""
+    keys = list(idxs) + ([BLANK] if blank else [])
+    got = {k: cache.get(k) if cache is not None else None for k in keys}
+    todo = [k for k in keys if got[k] is None]
+    if todo:
+        enc = encode_micro_batch(processor, samples, prompt_lens, resp_ids, [k for k in todo if k != BLANK], system,
+                                 "cpu", BLANK in todo, pixels, unscored)
+        pos3 = rope_positions(model, enc)  # (3, B, T), on the CPU: index arithmetic, no weights
+        real = enc["attention_mask"].bool()
+        grid, image_id, start, g = enc.get("image_grid_thw"), unwrap(model).config.image_token_id, 0, 0
+        for b, k in enumerate(todo):  # the blank sample, when asked for, is the batch's last row
+            r = real[b]
+            piece = {key: enc[key][b][r] for key in ("input_ids", "attention_mask", "mm_token_type_ids",
+                                                     "response_mask")}
+            piece["pos3"], piece["pixel_values"], piece["image_grid_thw"] = pos3[:, b][:, r], None, None
+            if bool((enc["input_ids"][b] == image_id).any()):  # the processor's patches come in row order
+                n = int(grid[g].prod())
+                piece["pixel_values"], piece["image_grid_thw"] = enc["pixel_values"][start:start + n], grid[g]
+                start, g = start + n, g + 1
+            got[k] = piece
+            if cache is not None:
+                cache.put(k, piece)
+    return [got[k] for k in keys]
+
+
 def encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids, rows, system, device,
-                              need_image=False, pixels=(None, None), unscored=None):
+                              need_image=False, pixels=(None, None), unscored=None, cache=None):
     """`rows` (lists of sample indices) packed one after another into the rows of a teacher-forcing batch.
 
     Each sample keeps its own positions (M-RoPE, from `rope_positions` on the ordinary padded batch) and attends
     only to itself: `position_ids` is (4, R, T), text positions first, restarting at 0 at every sample, which
     HF's Qwen2.5-VL reads as packed sequences when no attention mask is given (block-diagonal causal mask on
     SDPA / eager; varlen on FlashAttention-2). `attention_mask` still marks the real tokens (for the score mask);
-    token_logprobs does not pass it to the model. pixel_values / image_grid_thw are reordered to the packed
-    order, since the model fills image tokens row-major. A text-only micro-batch with need_image gets the blank
-    image (encode_micro_batch) as one more short sample, in the row with room for it, else in a row of its own.
+    token_logprobs does not pass it to the model. pixel_values / image_grid_thw come in the packed order, since
+    the model fills image tokens row-major. A text-only micro-batch with need_image gets the blank image
+    (encode_micro_batch) as one more short sample, in the row with room for it, else in a row of its own.
     Log-probs equal those of encode_micro_batch's padded batch to float rounding (tests/test_sft.py).
+    cache: an EncodeCache (sample_pieces), or None to encode every sample now.
     """
     idxs = [i for r in rows for i in r]
-    enc = encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, system, "cpu", need_image,
-                             pixels, unscored)
-    pos3 = rope_positions(model, enc)  # (3, B, T), on the CPU: index arithmetic, no weights
-    real = enc["attention_mask"].bool()
-    n_real = real.sum(1).tolist()
-    slots, k = [], 0  # rows of the padded batch per packed row
+    blank = need_image and all(samples[i].image is None for i in idxs)
+    pieces = sample_pieces(model, processor, samples, prompt_lens, resp_ids, idxs, system, pixels, unscored, blank,
+                           cache)
+    slots, k = [], 0  # the pieces of each packed row
     for r in rows:
-        slots.append(list(range(k, k + len(r))))
+        slots.append(pieces[k:k + len(r)])
         k += len(r)
-    if k < len(n_real):  # the blank image sample
-        width = max((sum(n_real[b] for b in sl) for sl in slots), default=0)
-        fill = [sum(n_real[b] for b in sl) for sl in slots]
-        room = [j for j in range(len(slots)) if fill[j] + n_real[k] <= width]
+    if blank:
+        fill = [sum(len(p["input_ids"]) for p in sl) for sl in slots]
+        width, n = max(fill, default=0), len(pieces[-1]["input_ids"])
+        room = [j for j in range(len(slots)) if fill[j] + n <= width]
         if room:
-            slots[min(room, key=lambda j: fill[j])].append(k)
+            slots[min(room, key=lambda j: fill[j])].append(pieces[-1])
         else:
-            slots.append([k])
-    T = max(sum(n_real[b] for b in sl) for sl in slots)
-    R, pad = len(slots), processor.tokenizer.pad_token_id
-    out = {"input_ids": torch.full((R, T), pad, dtype=enc["input_ids"].dtype),
-           "attention_mask": torch.zeros(R, T, dtype=enc["attention_mask"].dtype),
-           "mm_token_type_ids": torch.zeros(R, T, dtype=enc["mm_token_type_ids"].dtype),
+            slots.append([pieces[-1]])
+    T = max(sum(len(p["input_ids"]) for p in sl) for sl in slots)
+    R, pad, first = len(slots), processor.tokenizer.pad_token_id, pieces[0]
+    out = {"input_ids": torch.full((R, T), pad, dtype=first["input_ids"].dtype),
+           "attention_mask": torch.zeros(R, T, dtype=first["attention_mask"].dtype),
+           "mm_token_type_ids": torch.zeros(R, T, dtype=first["mm_token_type_ids"].dtype),
            "response_mask": torch.zeros(R, T, dtype=torch.bool),
-           "position_ids": torch.zeros(4, R, T, dtype=pos3.dtype)}
-    grid = enc.get("image_grid_thw")
-    has_image = (enc["input_ids"] == unwrap(model).config.image_token_id).any(1).tolist()
-    patch_rows, img_of, start = [], {}, 0  # the padded batch's images, in its row order
-    for b in range(len(n_real)):
-        if has_image[b]:
-            n = int(grid[len(patch_rows)].prod())
-            img_of[b] = len(patch_rows)
-            patch_rows.append(slice(start, start + n))
-            start += n
-    order = []
+           "position_ids": torch.zeros(4, R, T, dtype=first["pos3"].dtype)}
+    patches, grids = [], []
     for j, sl in enumerate(slots):
         t = 0
-        for b in sl:
-            n = n_real[b]
+        for p in sl:
+            n = len(p["input_ids"])
             for key in ("input_ids", "attention_mask", "mm_token_type_ids", "response_mask"):
-                out[key][j, t:t + n] = enc[key][b][real[b]]
+                out[key][j, t:t + n] = p[key]
             out["position_ids"][0, j, t:t + n] = torch.arange(n)
-            out["position_ids"][1:, j, t:t + n] = pos3[:, b][:, real[b]]
-            if b in img_of:
-                order.append(img_of[b])
+            out["position_ids"][1:, j, t:t + n] = p["pos3"]
+            if p["pixel_values"] is not None:
+                patches.append(p["pixel_values"])
+                grids.append(p["image_grid_thw"])
             t += n
         out["position_ids"][0, j, t:] = torch.arange(T - t) + (out["position_ids"][0, j, t - 1] + 1 if t else 0)
-    if order:
-        out["pixel_values"] = torch.cat([enc["pixel_values"][patch_rows[o]] for o in order])
-        out["image_grid_thw"] = grid[order]
+    if patches:
+        out["pixel_values"], out["image_grid_thw"] = torch.cat(patches), torch.stack(grids)
     return {key: v.to(device) for key, v in out.items()}
 
 
 def step_micro_batches(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro, rank, world, *,
                        pack=False, group=True, system=None, device="cpu", need_image=False, pixels=(None, None),
-                       unscored=None, weight=1.0):
+                       unscored=None, weight=1.0, cache=None):
     """One optimizer step's global `batch` -> (this rank's [(encoded micro-batch, weight)], (real, padded) tokens
     of the whole step). Every rank plans the whole step (no communication) and gets the same number of micro-
     batches; a slot with nothing left runs a zero-weight copy of the batch's first sample (lockstep forwards).
-    pack: rows of several samples (packed_micro_batches), else padded micro-batches (rank_micro_batches)."""
+    pack: rows of several samples (packed_micro_batches), else padded micro-batches (rank_micro_batches).
+    cache: an EncodeCache for packed rows (encode_packed_micro_batch); padded micro-batches encode every time."""
     if pack:
         lengths = {i: prompt_lens[i] + len(resp_ids[i]) for i in batch}
         plan, _ = packed_micro_batches(batch, lengths, micro, world)
         cost = [packed_cost(mb, lengths) for r in plan for mb in r]
-        encode, empty = (lambda *a, **k: encode_packed_micro_batch(model, *a, **k)), [batch[:1]]
+        encode, empty = (lambda *a, **k: encode_packed_micro_batch(model, *a, cache=cache, **k)), [batch[:1]]
     else:
         plan = rank_micro_batches(batch, keys, micro, world, group)
         cost = [micro_batch_cost(mb, prompt_lens, resp_ids) for r in plan for mb in r]
@@ -334,7 +386,7 @@ class Replay:
     """
 
     def __init__(self, spec, processor, system, *, coef, batch, micro, max_length, pixels=(None, None),
-                 image_root=None, seed=0, images_only=False, pack=False):
+                 image_root=None, seed=0, images_only=False, pack=False, cache_mb=0):
         self.samples = load_mixture(spec, "cot", image_root, seed)  # DataError naming the file and record
         if images_only:  # --freeze language: a text-only sample would reach no trainable parameter (as sft.py)
             self.samples = [x for x in self.samples if x.image is not None]
@@ -342,7 +394,8 @@ class Replay:
             raise DataError(f"--replay {spec}: no sample" + (" with an image" if images_only else ""))
         self.processor, self.system, self.pixels = processor, system, pixels
         self.coef, self.batch, self.micro, self.seed = coef, min(batch, len(self.samples)), micro, seed
-        self.pack = pack  # samples packed in rows (step_micro_batches)
+        self.pack = pack  # samples packed in rows (step_micro_batches), their encodings kept (EncodeCache)
+        self.cache = EncodeCache(cache_mb) if pack and cache_mb > 0 else None
         self.prompt_lens, self.resp_ids, self.truncated = tokenize(self.samples, processor, system, max_length, pixels)
         self.unscored = unscored_positions(processor.tokenizer, self.samples, self.resp_ids)
         self.keys = grouping_keys(self.prompt_lens, self.resp_ids)
@@ -363,5 +416,5 @@ class Replay:
         mine, _ = step_micro_batches(model, self.processor, self.samples, self.prompt_lens, self.resp_ids, self.keys,
                                      batch, self.micro, rank, world, pack=self.pack, system=self.system,
                                      device=device, need_image=need_image, pixels=self.pixels,
-                                     unscored=self.unscored, weight=self.coef)
+                                     unscored=self.unscored, weight=self.coef, cache=self.cache)
         return float(forward_backward(model, mine, n_step, world)) / self.coef, n_step

@@ -150,6 +150,8 @@ def get_args(argv=None):
     add("--replay-batch", type=int, default=16, help="replay samples per optimizer step, all ranks together")
     add("--replay-pack", action=argparse.BooleanOptionalAction, default=False, help="pack several replay samples "
         "into each row, as sft.py --pack: the same loss up to float rounding, less padding (world: on)")
+    add("--encode-cache-mb", type=float, default=1024, help="with --replay-pack: keep up to this many MiB of encoded "
+        "replay samples per process for their next epoch (sft.py --encode-cache-mb; 0 = off)")
     add("--reward", choices=["strict", "official"], default="strict", help="accuracy check (Δ10)")
     add("--acc-weight", type=float, default=0.9, help="reward weight of accuracy (release: 0.9)")
     add("--fmt-weight", type=float, default=0.1, help="reward weight of the format (release: 0.1)")
@@ -656,7 +658,8 @@ def main(argv=None):
             replay = Replay(args.replay, processor, system, coef=args.replay_coef, batch=args.replay_batch,
                             micro=args.micro_batch, max_length=args.max_prompt_length + args.max_new_tokens,
                             pixels=(args.min_pixels, args.max_pixels), image_root=args.image_root, seed=args.seed,
-                            images_only="language" in args.freeze, pack=args.replay_pack)
+                            images_only="language" in args.freeze, pack=args.replay_pack,
+                            cache_mb=args.encode_cache_mb)
         except DataError as e:
             raise SystemExit(f"tapo.py: bad --replay data: {e}") from None
         dist.print(f"replay: {len(replay.samples)} samples from {args.replay}, {replay.batch} per optimizer step "

@@ -152,6 +152,27 @@ def test_packed_rows_give_the_padded_batchs_log_probs(stage1):
     torch.testing.assert_close(a[packed["response_mask"]], b[padded["response_mask"]], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("max_mb", [1024, 0.2])
+def test_encode_cache_gives_the_same_packed_rows_bit_for_bit(stage1, max_mb):
+    """EncodeCache: packed micro-batches built from samples read back (after an earlier, differently grouped
+    micro-batch filled the cache; the blank image sample of a text-only micro-batch included) equal those encoded
+    afresh tensor for tensor, whether the cache holds every sample or, full, only some."""
+    model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
+    cache = supervised.EncodeCache(max_mb)
+    groupings = [([[0, 1], [3, 4, 5]], False), ([[6, 2], [0], [5, 1]], False), ([[2, 7]], True), ([[7], [2]], True),
+                 ([[4, 3, 2], [1, 0, 6, 5, 7]], True)]
+    for rows, need_image in groupings:
+        fresh = supervised.encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids, rows, None,
+                                                     "cpu", need_image)
+        kept = supervised.encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids, rows, None,
+                                                    "cpu", need_image, cache=cache)
+        assert fresh.keys() == kept.keys()
+        for k in fresh:
+            assert fresh[k].dtype == kept[k].dtype and torch.equal(fresh[k], kept[k]), (rows, k)
+    assert cache.hits > 0 and cache.nbytes <= cache.max_bytes
+    assert (len(cache.pieces) == len(samples) + 1) == (max_mb == 1024)  # + the blank image sample
+
+
 def test_packed_step_gives_the_padded_gradient(stage1):
     """One optimizer step with --pack (rows of several samples) has the padded step's gradient (1e-6)."""
     model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
