@@ -56,6 +56,21 @@ def test_same_seed_gives_identical_files(small, tmp_path):
     assert tree_digest(small) == tree_digest(again)
 
 
+def test_more_test_images_change_only_the_evaluation(small, tmp_path):
+    """--test-per-class N larger: every file and image the stages train on is byte-identical (the same base, SFT and
+    TAPO), the first images of each test class too; only the eval files, the added test images and world.json
+    differ, so a seed's models can be evaluated on a larger test set without training again."""
+    more = world.generate(tmp_path / "w", seed=3, **dict(SMALL, test_per_class=5))
+    a, b = tree_digest(small), tree_digest(more)
+    evals = {k for k in b if k.endswith(".jsonl") and k != "rl_train.jsonl"} | {"world.json"}
+    assert {k for k in b if k not in a} == {k for k in b if k.startswith("images/test/")
+                                            and int(Path(k).stem) >= SMALL["test_per_class"]}
+    assert set(a) <= set(b) and all(a[k] == b[k] for k in a if k not in evals)
+    assert {k for k in a if a[k] != b[k]} <= evals
+    lines = {w: sum(1 for k in evals - {"world.json"} for _ in (w / k).open()) for w in (small, more)}
+    assert lines[more] * SMALL["test_per_class"] == lines[small] * 5
+
+
 def test_other_seed_changes_split_not_classes(tmp_path):
     """The class table is fixed per domain; the seed changes the split (and images)."""
     a = json.loads((world.generate(tmp_path / "a", seed=0, **SMALL) / "world.json").read_text())
