@@ -9,6 +9,9 @@
 # no_replay is the release's TAPO, without the world's replay term (README, deviations).
 #   bash ablate.sh                                   # seeds 0 1 2, ablations no_intra no_inter, and no_replay
 #   SEEDS="3 4" VARIANTS="no_intra no_inter dapo" bash ablate.sh
+#   TEST_PER_CLASS=32 bash ablate.sh                 # also evaluate every model on 32 test images per class (a copy of
+#                                                    # the seed's world that differs only in its test set: world_t32/,
+#                                                    # eval_t32/; README "Stop 35") and make the claims from those
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
@@ -43,6 +46,17 @@ one_seed() {  # the main job and the ablations of seed $1, into $ROOT/seed$1
       echo "== tapo_$v: $(( $(date +%s) - t )) s" >> $O/timings.txt; }
     [ -e "$O/eval/$v/summary.json" ] || python eval.py --defaults world --model $O/ablate/$v/final --data $O/world --out $O/eval/$v --tag "$v"
   done
+  # a larger test set, for claims whose differences are about a test image's worth of noise: the same world but
+  # for --test-per-class (every training file and image byte-identical, tests/test_world.py), the same models
+  if [ "${TEST_PER_CLASS:-0}" != 0 ]; then
+    local W=$O/world_t$TEST_PER_CLASS m ck
+    [ -e "$W/world.json" ] || python world.py --out $W --seed "$s" ${WORLD_FLAGS:-} --test-per-class $TEST_PER_CLASS
+    for m in base sft_nocot sft_cot tapo $VARIANTS; do
+      ck=$O/ablate/$m/final; case $m in base|sft_nocot|sft_cot|tapo) ck=$O/$m/final;; esac
+      [ -e "$O/eval_t$TEST_PER_CLASS/$m/summary.json" ] || python eval.py --defaults world --model $ck --data $W \
+        --out $O/eval_t$TEST_PER_CLASS/$m --tag "$m"
+    done
+  fi
   # what RL trains is the sampled policy: CoT SFT, TAPO and the variants also sampled 8 times per item at the
   # release's temperature 1.0 (closed world, avg@8: where TAPO's effect shows first; README "Results", stop 25);
   # SAMPLED=0 skips it
@@ -61,9 +75,10 @@ if [ "${PARALLEL:-0}" = 1 ]; then  # one process per seed at once (logs in $ROOT
 else
   for s in $SEEDS; do one_seed $s; done
 fi
-SEEDS="$SEEDS" VARIANTS="$VARIANTS" ROOT="$ROOT" python - <<'PY'
+SEEDS="$SEEDS" VARIANTS="$VARIANTS" ROOT="$ROOT" TEST_PER_CLASS="${TEST_PER_CLASS:-0}" python - <<'PY'
 import json, os, statistics
 seeds, variants, root = os.environ["SEEDS"].split(), os.environ["VARIANTS"].split(), os.environ["ROOT"]
+ev = "eval" if os.environ["TEST_PER_CLASS"] == "0" else "eval_t" + os.environ["TEST_PER_CLASS"]  # the claims' test set
 models = [("base", "Base"), ("sft_nocot", "SFT w/o CoT"), ("sft_cot", "CoT SFT"), ("tapo", "CoT SFT + TAPO")] + \
          [(v, f"TAPO {v.replace('_', ' ')}") for v in variants]
 cols = [("closed", "seen", "acc"), ("closed", "unseen", "acc"), ("open", "seen", "ti"), ("open", "unseen", "ti"),
@@ -71,14 +86,14 @@ cols = [("closed", "seen", "acc"), ("closed", "unseen", "acc"), ("open", "seen",
 per = {m: {c: [] for c in cols} for m, _ in models}
 for s in seeds:
     for m, _ in models:
-        summ = json.load(open(f"{root}/seed{s}/eval/{m}/summary.json"))
+        summ = json.load(open(f"{root}/seed{s}/{ev}/{m}/summary.json"))
         for c in cols:
             per[m][c].append(summ[c[0]][c[1]]["avg"][c[2]])
 ms = lambda x: (statistics.mean(x), statistics.stdev(x) if len(x) > 1 else 0.0)
 mean = {m: {c: ms(v)[0] for c, v in d.items()} for m, d in per.items()}
 hdr = ["closed seen", "closed unseen", "open TI seen", "open TI unseen", "fmt closed seen", "fmt closed unseen",
        "fmt open seen", "fmt open unseen"]
-lines = [f"## Claims over seeds {' '.join(seeds)} (mean ± std, %)", "",
+lines = [f"## Claims over seeds {' '.join(seeds)} (mean ± std, %; test set: {ev}/)", "",
          "| model | " + " | ".join(hdr) + " |", "|---" * (len(hdr) + 1) + "|"]
 for m, name in models:
     lines.append(f"| {name} | " + " | ".join("%.1f ± %.1f" % ms(per[m][c]) for c in cols) + " |")
@@ -147,7 +162,7 @@ for m, name in models:
     for s in seeds:
         w = json.load(open(f"{root}/seed{s}/world/world.json"))
         seen_names = {n.lower() for d in w["domains"].values() for n in d["seen"]}
-        for line in open(f"{root}/seed{s}/eval/{m}/items.jsonl"):
+        for line in open(f"{root}/seed{s}/{ev}/{m}/items.jsonl"):
             r = json.loads(line)
             if r["mode"] != "closed":
                 continue
