@@ -222,6 +222,8 @@ def get_args(argv=None):
         ap.error(str(e))
     if args.batch_size < 1 or args.micro_batch < 1:
         ap.error("--batch-size and --micro-batch must be >= 1")
+    if args.encode_cache_mb < 0:
+        ap.error("--encode-cache-mb must be >= 0 (0 = off)")
     args.micro_batch = min(args.micro_batch, args.batch_size)
     return args
 

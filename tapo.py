@@ -210,6 +210,8 @@ def get_args(argv=None):
                                for p, w in sources)
     if args.rl_coef < 0 or (args.rl_coef == 0 and not args.replay):
         ap.error("--rl-coef must be >= 0, and 0 (the replay-only control) needs a --replay to train")
+    if args.encode_cache_mb < 0:
+        ap.error("--encode-cache-mb must be >= 0 (0 = off)")
     if (args.replay_coef > 0) != bool(args.replay):
         ap.error("--replay FILES and --replay-coef > 0 go together (--replay none turns the replay off)")
     if args.n1 + args.n2 < 2:
