@@ -75,7 +75,8 @@ EMBEDDED_SFT = Path("out/sft_cot")  # the main job's CoT-SFT run: the default po
 # Since stop 29 each RL step's 16 groups make 8 optimizer steps of 2 groups (update_batch 2; the release: 3 of 128):
 # at this lr the clipped ratio almost never binds (clip fraction <= 0.003 of tokens), so the step's rollouts carry 4x the
 # updates of update_batch 8 at ~1.25x the time per step (the one generate call for both images of sample_groups pays
-# most of it back); the reward rises on every seed (README, "Stop 29").
+# most of it back); the reward rises on every seed (README, "Stop 29"). lr 8e-5 does not buy 40 steps' gain in 20:
+# -2.6 / -2.2 points on seen classes against 4e-5 (seeds 19-21, README "Stop 36").
 # The replay packs its samples into rows (--replay-pack, since stop 31): 7.97-8.22 s per step against 8.97-9.43 padded,
 # the same rewards and replay NLLs over 4 steps (seed 29, 2 ranks, side by side; out/exp/s31/bench_tapo.sh).
 WORLD = dict(max_new_tokens=160, rollout_batch=16, update_batch=2, micro_batch=16, max_steps=20, lr=4e-5,
