@@ -320,3 +320,17 @@ def test_world_update_batch_takes_one_group_per_rank_when_ranks_outnumber_it(tmp
     assert get_args(common + ["--update-batch", "16"]).update_batch == 16
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert get_args(common).update_batch == 2
+
+
+def test_a_negative_encode_cache_size_is_a_cli_error(tmp_path):
+    """--encode-cache-mb takes MiB >= 0 (0 = off): a negative size stops both trainers at parsing, before any work."""
+    import sft
+    from tapo import get_args
+    for name in ("replay.json", "analysis_replay.json"):
+        (tmp_path / name).write_text("[]")
+    args = {get_args: ["--model", "tiny", "--data", str(tmp_path), "--defaults", "world"],
+            sft.get_args: ["--model", "tiny", "--data", str(tmp_path / "replay.json"), "--defaults", "world"]}
+    for parse, common in args.items():
+        assert parse(common + ["--encode-cache-mb", "0"]).encode_cache_mb == 0  # the same flags parse without it
+        with pytest.raises(SystemExit):
+            parse(common + ["--encode-cache-mb", "-1"])
