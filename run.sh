@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper in miniature, end to end on the embedded world (CPU, 10-14 minutes on 2 cores: 574-851 s
-# measured on one AMD EPYC host, 574-598 s in its faster hours, README "Stop 36"):
+# measured on one AMD EPYC host, 574-611 s in its faster sessions, README "Stop 36", "Stop 37"):
 #   world -> base model (pretraining corpus) -> CoT SFT (+ the answer-only SFT baseline) -> TAPO -> eval.
 # Each stage is one line; a stage whose output exists is skipped (delete $OUT/<stage> to redo it).
 #   bash run.sh                          # seed 0 into out/
