@@ -176,6 +176,28 @@ def _logprob_head(model, target_ids, score_mask, temperature, chunk, out):
         assert head.forward.__func__ is original.__func__
 
 
+def takes_packed_mask(model):
+    """Whether the model's attention takes a shared-prefix row's 4-D mask (packed_attention): SDPA and eager do."""
+    return unwrap(model).config._attn_implementation in ("sdpa", "eager")
+
+
+def packed_attention(model, packed_mask):
+    """The attention mask of packed rows for the model's forward: None (HF builds the block-diagonal mask from the
+    positions), or a shared-prefix row's 4-D boolean mask (B, 1, T, T), which HF passes through as it is: SDPA
+    takes it as is, eager attention as an additive float mask. FlashAttention-2 ignores 4-D masks: refused."""
+    if packed_mask is None:
+        return None
+    impl = unwrap(model).config._attn_implementation
+    if impl == "sdpa":
+        return packed_mask
+    if impl == "eager":
+        dtype = next(unwrap(model).parameters()).dtype
+        return torch.zeros(packed_mask.shape, dtype=dtype, device=packed_mask.device).masked_fill(
+            ~packed_mask, torch.finfo(dtype).min)
+    raise ValueError(f"shared-prefix packed rows need SDPA or eager attention, the model uses {impl!r}: "
+                     "pass --no-share-prefix")
+
+
 def token_logprobs(model, batch, score_mask=None, temperature=1.0, chunk=None):
     """Teacher-forced log pi(x_t | x_<t, image) / temperature-scaled, for every position where score_mask.
 
@@ -192,9 +214,10 @@ def token_logprobs(model, batch, score_mask=None, temperature=1.0, chunk=None):
         score_mask = batch["response_mask"]
     score_mask = score_mask.bool() & batch["attention_mask"].bool()
     packed = batch.get("position_ids")  # (4, B, T): samples packed in rows (supervised.encode_packed_micro_batch)
+    mask = batch["attention_mask"] if packed is None else packed_attention(model, batch.get("packed_mask"))
     out = []
     with _logprob_head(model, batch["input_ids"], score_mask, temperature, chunk, out):
-        model(input_ids=batch["input_ids"], attention_mask=None if packed is not None else batch["attention_mask"],
+        model(input_ids=batch["input_ids"], attention_mask=mask,
               position_ids=packed if packed is not None else rope_positions(model, batch),
               pixel_values=batch.get("pixel_values"),
               image_grid_thw=batch.get("image_grid_thw"), mm_token_type_ids=batch["mm_token_type_ids"],

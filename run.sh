@@ -14,6 +14,9 @@
 #   TAPO_FLAGS="--defaults world --lr 1e-4" BASE_NPROC=1 ANALYSIS_REPLAY=0 COT_STEPS=200 bash run.sh
 #                                        # the world and recipe before that (README, "Results", earlier recipes)
 #   PACK=0 bash run.sh                   # padded micro-batches instead of packed rows (the realisation before stop 31)
+#   SHARE=0 TAPO_FLAGS="--defaults world --old-logprobs recompute" bash run.sh
+#                                        # the realisation of stops 31-37, bit for bit: each packed sample holds its own
+#                                        # copy of the prompt prefix, TAPO recomputes pi_old (README, "Stop 38")
 # With one process per stage (NPROC=1, the default) independent stages share the two cores: the answer-only SFT
 # and the first two evaluations run beside CoT SFT, and CoT SFT's evaluation beside TAPO's, in the background (logs
 # in $OUT/logs/); SERIAL=1 runs everything in the foreground, one stage after the other. Results do not depend on it.
@@ -68,6 +71,9 @@ stage world      $W/world.json           python world.py --out $W --seed "$SEED"
 python world.py --check --out $W --seed "$SEED" ${WORLD_FLAGS:-}
 # packed rows (sft.py --pack, tapo.py --replay-pack: the world profile's default) or, with PACK=0, padded micro-batches
 if [ "${PACK:-1}" = 0 ]; then SFT_PACK="--no-pack"; TAPO_PACK="--no-replay-pack"; else SFT_PACK=""; TAPO_PACK=""; fi
+# with packed rows, the prompt tokens every sample starts with are held once per row (sft.py --share-prefix, tapo.py
+# --replay-share-prefix: the same loss up to float rounding, fewer tokens); SHARE=0: each sample holds its own copy
+if [ "${SHARE:-1}" = 0 ]; then SFT_PACK="$SFT_PACK --no-share-prefix"; TAPO_PACK="$TAPO_PACK --no-replay-share-prefix"; fi
 stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --variant pretrain --model ${PRESET:-tiny4} --data $W --out $OUT/base --seed "$SEED" \
                                            --epochs ${BASE_EPOCHS:-8} $SFT_PACK
 # CoT SFT and its answer-only baseline: the same images, prompts and lr, each with a replay of half of

@@ -65,7 +65,12 @@ Deviations and choices:
     as its longest sample, each sample with its own positions and attending only to itself (HF's packed-sequence
     path), rows dealt evenly to ranks (supervised.packed_micro_batches): the same loss up to float rounding, with
     less padding and no whole blank rows (the blank image rides in a row with room). --micro-batch counts rows.
-11. With --pack, each sample's encoding (tokens, image patches, M-RoPE positions) is kept after its first use,
+11. With --pack and --share-prefix (on by default), the prompt tokens every sample starts with (the system turn and
+    "<|im_start|>user\n", supervised.shared_prefix_len: 15 on the world) stand once at the start of each row;
+    the row's later samples leave them out and attend to that copy through a 4-D attention mask, their own tokens
+    keeping their positions: the same log-probs to float rounding, 11-12% fewer tokens per base step on the world
+    (more samples fit a row). Off, or with FlashAttention-2, each sample holds its own copy.
+12. With --pack, each sample's encoding (tokens, image patches, M-RoPE positions) is kept after its first use,
     up to --encode-cache-mb per process (supervised.EncodeCache), and later epochs read it back: the same batches
     bit for bit, without re-reading images and re-running the processor (the world's base model: 572 MiB for
     its whole corpus in one process; under 2-rank DDP each rank holds what it has met).
@@ -86,9 +91,9 @@ import distributed
 import training
 from data import SYSTEM_PROMPT_R1, DataError
 from checkpoint import newest_checkpoint
-from policy import load_policy
+from policy import load_policy, takes_packed_mask
 from supervised import WORLD_FILES, EncodeCache, epoch_batches, forward_backward, grouping_keys, load_mixture, \
-    parse_sources, step_micro_batches, tokenize, unscored_positions
+    parse_sources, shared_prefix_len, step_micro_batches, tokenize, unscored_positions
 
 EMBEDDED_DATA = Path("out/world")  # the embedded world (python world.py --out out/world)
 RUNS = {"pretrain": Path("out/base"), "cot": Path("out/sft_cot"), "nocot": Path("out/sft_nocot")}
@@ -180,6 +185,10 @@ def get_args(argv=None):
                     help="pack several samples into each row (as wide as the step's longest sample), each attending "
                     "only to itself with its own positions: no padding between samples, ranks evened by rows, "
                     "--micro-batch then counts rows. The same loss up to float rounding (release: off; world: on)")
+    ap.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --pack: hold the prompt tokens every sample starts with (system turn, user header) "
+                    "once per row, the row's other samples attending to that copy: the same loss up to float "
+                    "rounding, fewer tokens (SDPA or eager attention only; ignored with FlashAttention-2)")
     ap.add_argument("--encode-cache-mb", type=float, default=1024, help="with --pack: keep up to this many MiB of "
                     "encoded samples (tokens, image patches, positions) per process for later epochs, instead of "
                     "re-reading and re-encoding them; the same batches bit for bit (0 = off)")
@@ -271,6 +280,8 @@ def main(argv=None):
         raise SystemExit(f"sft.py: bad data: {e}")
     keys = grouping_keys(prompt_lens, resp_ids)
     unscored = unscored_positions(processor.tokenizer, samples, resp_ids)
+    share = shared_prefix_len(samples, processor, system) if args.pack and args.share_prefix and \
+        takes_packed_mask(model) else 0
     training.freeze(model, args.freeze)  # Δ13 (vision); world cot / nocot: vision, embeddings, mlp
     model, parallel = training.wrap_for_training(model, args.parallel, args.grad_checkpointing, dist)
     model.train()
@@ -290,7 +301,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dist.print(json.dumps({**vars(args), "parallel": parallel, "world": dist.world,
-                           "samples": len(samples), "truncated": truncated, "steps_per_epoch": steps_per_epoch,
+                           "samples": len(samples), "truncated": truncated, "shared_prefix": share, "steps_per_epoch": steps_per_epoch,
                            "total_steps": total, "params": n_params, "trainable": n_train, "bf16": bf16,
                            "resumed_from": str(resume) if resume else None, "start_step": start}, indent=1))
     if dist.master:
@@ -324,7 +335,7 @@ def main(argv=None):
         mine, (real, padded) = step_micro_batches(
             model, processor, samples, prompt_lens, resp_ids, keys, batch, args.micro_batch, dist.rank, dist.world,
             pack=args.pack, group=group_micro, system=system, device=dist.device, need_image=dist.world > 1,
-            pixels=pixels, unscored=unscored, cache=encoded)
+            pixels=pixels, unscored=unscored, cache=encoded, share=share)
         lr = args.lr * cosine_with_warmup(step, args.warmup_steps, total)
         nll = forward_backward(model, mine, n_step, dist.world, autocast)
 

@@ -20,7 +20,7 @@ from PIL import Image
 from data import DataError, chat_messages, count_image_tokens, encode_prompts, encode_responses, \
     join_prompt_response, length_grouped_batches, load_image, load_stage1, parse_data_spec
 from distributed import unwrap
-from policy import rope_positions, token_logprobs
+from policy import rope_positions, token_logprobs, vision_token_ids
 
 WORLD_FILES = {"cot": "cot_sft.json", "nocot": "sft_nocot.json", "pretrain": "pretrain.json"}
 
@@ -74,6 +74,24 @@ def tokenize(samples, processor, system, max_length, pixels=(None, None)):
             resp[i], truncated = resp[i][:max_length - n], truncated + 1
         prompt_lens.append(n)
     return prompt_lens, resp, truncated
+
+
+def shared_prefix_len(samples, processor, system):
+    """Number of leading prompt tokens that every sample's prompt has (the system turn and "<|im_start|>user\n":
+    14 tokens with the default system prompt), stopping before any image token and short of the shortest prompt,
+    so that each sample keeps at least one prompt token of its own: what `--share-prefix` holds once per packed
+    row (encode_packed_micro_batch). Exact: the distinct chat-template prompts are tokenized and compared."""
+    tok = processor.tokenizer
+    texts = sorted({processor.apply_chat_template(chat_messages(s.question, s.image is not None, system),
+                                                  tokenize=False, add_generation_prompt=True) for s in samples})
+    if not texts:
+        return 0
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    n, stop = min(len(x) for x in ids) - 1, set(vision_token_ids(tok))
+    first = ids[0]
+    for x in ids[1:]:
+        n = next((k for k in range(n) if x[k] != first[k]), n)
+    return next((k for k in range(n) if first[k] in stop), max(n, 0))
 
 
 def unscored_positions(tokenizer, samples, resp_ids):
@@ -192,9 +210,10 @@ def packed_micro_batches(batch, lengths, micro, world):
     return [[p[j * len(p) // n:(j + 1) * len(p) // n] for j in range(n)] for p in per_rank], width
 
 
-def packed_cost(rows, lengths):
-    """(real tokens, padded tokens) of a packed micro-batch: rows as wide as its fullest row."""
-    fills = [sum(lengths[i] for i in r) for r in rows]
+def packed_cost(rows, lengths, share=0):
+    """(real tokens, padded tokens) of a packed micro-batch: rows as wide as its fullest row (each row also holds
+    the `share` prefix tokens once, `lengths` being the samples' other tokens)."""
+    fills = [sum(lengths[i] for i in r) + share * bool(r) for r in rows]
     return sum(fills), max(fills, default=0) * len(rows)
 
 
@@ -261,7 +280,7 @@ def sample_pieces(model, processor, samples, prompt_lens, resp_ids, idxs, system
 
 
 def encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids, rows, system, device,
-                              need_image=False, pixels=(None, None), unscored=None, cache=None):
+                              need_image=False, pixels=(None, None), unscored=None, cache=None, share=0):
     """`rows` (lists of sample indices) packed one after another into the rows of a teacher-forcing batch.
 
     Each sample keeps its own positions (M-RoPE, from `rope_positions` on the ordinary padded batch) and attends
@@ -273,6 +292,13 @@ def encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids, 
     (encode_micro_batch) as one more short sample, in the row with room for it, else in a row of its own.
     Log-probs equal those of encode_micro_batch's padded batch to float rounding (tests/test_sft.py).
     cache: an EncodeCache (sample_pieces), or None to encode every sample now.
+
+    share > 0 (`--share-prefix`): the first `share` tokens, the same in every sample (shared_prefix_len: text, no
+    loss), are written once at the start of each row; every later sample of the row leaves them out and attends
+    to that copy, its own tokens keeping their positions (share, share + 1, ...). The row's attention is then the
+    4-D mask `packed_mask` (R, 1, T, T): causal, within a sample or onto the row's prefix; the keys and values a
+    sample sees are those of its own unpacked prompt, so its log-probs are too (float rounding). Needs SDPA or
+    eager attention (FlashAttention-2 reads packing from the positions alone).
     """
     idxs = [i for r in rows for i in r]
     blank = need_image and all(samples[i].image is None for i in idxs)
@@ -282,30 +308,45 @@ def encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids, 
     for r in rows:
         slots.append(pieces[k:k + len(r)])
         k += len(r)
+    if share:
+        prefix = pieces[0]["input_ids"][:share]
+        for i, p in zip(idxs + [BLANK] * blank, pieces):
+            if not (torch.equal(p["input_ids"][:share], prefix) and not p["response_mask"][:share].any()
+                    and not p["mm_token_type_ids"][:share].any()):
+                where = "the blank image sample" if i == BLANK else samples[i].source
+                raise ValueError(f"{where}: its prompt does not start with the {share} shared prefix tokens "
+                                 "(shared_prefix_len over another sample list?)")
+
+    def row_len(sl):  # a row's tokens: the prefix once, then each sample without it
+        return sum(len(p["input_ids"]) - share for p in sl) + share * bool(sl)
+
     if blank:
-        fill = [sum(len(p["input_ids"]) for p in sl) for sl in slots]
-        width, n = max(fill, default=0), len(pieces[-1]["input_ids"])
+        fill = [row_len(sl) for sl in slots]
+        width, n = max(fill, default=0), len(pieces[-1]["input_ids"]) - share
         room = [j for j in range(len(slots)) if fill[j] + n <= width]
         if room:
             slots[min(room, key=lambda j: fill[j])].append(pieces[-1])
         else:
             slots.append([pieces[-1]])
-    T = max(sum(len(p["input_ids"]) for p in sl) for sl in slots)
+    T = max(row_len(sl) for sl in slots)
     R, pad, first = len(slots), processor.tokenizer.pad_token_id, pieces[0]
     out = {"input_ids": torch.full((R, T), pad, dtype=first["input_ids"].dtype),
            "attention_mask": torch.zeros(R, T, dtype=first["attention_mask"].dtype),
            "mm_token_type_ids": torch.zeros(R, T, dtype=first["mm_token_type_ids"].dtype),
            "response_mask": torch.zeros(R, T, dtype=torch.bool),
            "position_ids": torch.zeros(4, R, T, dtype=first["pos3"].dtype)}
+    segment = torch.full((R, T), -1)  # share: each token's sample in its row (-1: padding)
     patches, grids = [], []
     for j, sl in enumerate(slots):
         t = 0
-        for p in sl:
-            n = len(p["input_ids"])
+        for k, p in enumerate(sl):
+            s0 = share if k else 0  # a later sample of the row leaves the prefix out
+            n = len(p["input_ids"]) - s0
             for key in ("input_ids", "attention_mask", "mm_token_type_ids", "response_mask"):
-                out[key][j, t:t + n] = p[key]
-            out["position_ids"][0, j, t:t + n] = torch.arange(n)
-            out["position_ids"][1:, j, t:t + n] = p["pos3"]
+                out[key][j, t:t + n] = p[key][s0:]
+            out["position_ids"][0, j, t:t + n] = torch.arange(s0, s0 + n)
+            out["position_ids"][1:, j, t:t + n] = p["pos3"][:, s0:]
+            segment[j, t:t + n] = k
             if p["pixel_values"] is not None:
                 patches.append(p["pixel_values"])
                 grids.append(p["image_grid_thw"])
@@ -313,22 +354,31 @@ def encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids, 
         out["position_ids"][0, j, t:] = torch.arange(T - t) + (out["position_ids"][0, j, t - 1] + 1 if t else 0)
     if patches:
         out["pixel_values"], out["image_grid_thw"] = torch.cat(patches), torch.stack(grids)
+    if share and any(len(sl) > 1 for sl in slots):  # else every row holds one sample: HF's own causal mask
+        # causal, and within one sample or onto the row's prefix (padding attends within padding)
+        same = segment[:, :, None] == segment[:, None, :]
+        onto_prefix = (torch.arange(T) < share)[None, None, :] & (segment[:, :, None] >= 0)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        out["packed_mask"] = ((same | onto_prefix) & causal)[:, None]
     return {key: v.to(device) for key, v in out.items()}
 
 
 def step_micro_batches(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro, rank, world, *,
                        pack=False, group=True, system=None, device="cpu", need_image=False, pixels=(None, None),
-                       unscored=None, weight=1.0, cache=None):
+                       unscored=None, weight=1.0, cache=None, share=0):
     """One optimizer step's global `batch` -> (this rank's [(encoded micro-batch, weight)], (real, padded) tokens
     of the whole step). Every rank plans the whole step (no communication) and gets the same number of micro-
     batches; a slot with nothing left runs a zero-weight copy of the batch's first sample (lockstep forwards).
     pack: rows of several samples (packed_micro_batches), else padded micro-batches (rank_micro_batches).
-    cache: an EncodeCache for packed rows (encode_packed_micro_batch); padded micro-batches encode every time."""
+    cache: an EncodeCache for packed rows (encode_packed_micro_batch); padded micro-batches encode every time.
+    share: with pack, the prompt tokens every sample starts with (shared_prefix_len), held once per row: the plan
+    packs each sample's other tokens into the width left after them."""
     if pack:
-        lengths = {i: prompt_lens[i] + len(resp_ids[i]) for i in batch}
+        lengths = {i: prompt_lens[i] + len(resp_ids[i]) - share for i in batch}
         plan, _ = packed_micro_batches(batch, lengths, micro, world)
-        cost = [packed_cost(mb, lengths) for r in plan for mb in r]
-        encode, empty = (lambda *a, **k: encode_packed_micro_batch(model, *a, cache=cache, **k)), [batch[:1]]
+        cost = [packed_cost(mb, lengths, share) for r in plan for mb in r]
+        encode, empty = (lambda *a, **k: encode_packed_micro_batch(model, *a, cache=cache, share=share, **k)), \
+            [batch[:1]]
     else:
         plan = rank_micro_batches(batch, keys, micro, world, group)
         cost = [micro_batch_cost(mb, prompt_lens, resp_ids) for r in plan for mb in r]
@@ -387,7 +437,7 @@ class Replay:
     """
 
     def __init__(self, spec, processor, system, *, coef, batch, micro, max_length, pixels=(None, None),
-                 image_root=None, seed=0, images_only=False, pack=False, cache_mb=0):
+                 image_root=None, seed=0, images_only=False, pack=False, cache_mb=0, share_prefix=False):
         self.samples = load_mixture(spec, "cot", image_root, seed)  # DataError naming the file and record
         if images_only:  # --freeze language: a text-only sample would reach no trainable parameter (as sft.py)
             self.samples = [x for x in self.samples if x.image is not None]
@@ -400,6 +450,7 @@ class Replay:
         self.prompt_lens, self.resp_ids, self.truncated = tokenize(self.samples, processor, system, max_length, pixels)
         self.unscored = unscored_positions(processor.tokenizer, self.samples, self.resp_ids)
         self.keys = grouping_keys(self.prompt_lens, self.resp_ids)
+        self.share = shared_prefix_len(self.samples, processor, system) if pack and share_prefix else 0
         self.n_batches = len(epoch_batches(self.keys, self.batch, seed, 0, group=False))
         self._epoch = (None, None)
 
@@ -417,5 +468,5 @@ class Replay:
         mine, _ = step_micro_batches(model, self.processor, self.samples, self.prompt_lens, self.resp_ids, self.keys,
                                      batch, self.micro, rank, world, pack=self.pack, system=self.system,
                                      device=device, need_image=need_image, pixels=self.pixels,
-                                     unscored=self.unscored, weight=self.coef, cache=self.cache)
+                                     unscored=self.unscored, weight=self.coef, cache=self.cache, share=self.share)
         return float(forward_backward(model, mine, n_step, world)) / self.coef, n_step

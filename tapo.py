@@ -36,7 +36,8 @@ Deviations and choices (README "Deviations (Δ)"):
  9. Not in the paper or the release: `--replay FILES --replay-coef C` adds C x the SFT loss on a batch of Stage-1
     samples to every optimizer step (supervised.Replay; InstructGPT's PPO-ptx). Off by default; the embedded
     world uses it (WORLD below) to keep what its 0.7M model knows of the unseen classes. `--replay-pack` (world:
-    on) packs its samples several to a row, as sft.py --pack.
+    on) packs its samples several to a row, as sft.py --pack, with the shared prompt prefix held once per row
+    (`--replay-share-prefix`, as sft.py --share-prefix).
 """
 import argparse
 import json
@@ -55,7 +56,7 @@ import training
 from data import SYSTEM_PROMPT_R1, DataError, RowStream, encode_prompts, join_prompt_response, load_stage2, \
     load_triplet, parse_data_spec, prompt_length, rl_prompt, stack_prompts
 from checkpoint import newest_checkpoint
-from policy import load_policy, stop_token_ids, token_logprobs, vision_token_ids
+from policy import load_policy, stop_token_ids, takes_packed_mask, token_logprobs, vision_token_ids
 from reward import score
 from rollout import decode, gathered, generate
 from supervised import Replay
@@ -81,7 +82,7 @@ EMBEDDED_SFT = Path("out/sft_cot")  # the main job's CoT-SFT run: the default po
 # the same rewards and replay NLLs over 4 steps (seed 29, 2 ranks, side by side; out/exp/s31/bench_tapo.sh).
 WORLD = dict(max_new_tokens=160, rollout_batch=16, update_batch=2, micro_batch=16, max_steps=20, lr=4e-5,
              min_pixels=0, max_pixels=0, replay="replay.json:0.5,analysis_replay.json:3", replay_coef=3.0,
-             replay_pack=True)
+             replay_pack=True, old_logprobs="sampler")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,6 +132,11 @@ def get_args(argv=None):
     add("--max-steps", type=int, help="RL steps; overrides --epochs (world: 20)")
     add("--max-minutes", type=float, help="stop cleanly (and save) after this many minutes")
     # Objective (Eq. 1-4)
+    add("--old-logprobs", choices=["recompute", "sampler"], default="recompute", help="pi_old of the ratio: "
+        "recompute = a teacher-forced forward over the kept rollouts before the update (release: EasyR1's "
+        "actor, since vLLM samples in other kernels); sampler = the log-probs the sampler reported (rollout.py: "
+        "the same weights, within 1e-5 nats in fp32 on the world, logged as lp_gap when recomputed): one "
+        "forward less per step (world: sampler; with --intra-condition anchor, recomputed anyway)")
     add("--eps-low", type=float, default=0.2, help="lower clip (DAPO: 0.2)")
     add("--eps-high", type=float, default=0.28, help="upper clip, clip-higher (DAPO: 0.28)")
     add("--dual-clip", type=float, default=3.0, help="dual-clip C for negative advantages (release: 3.0; 0 = off)")
@@ -151,6 +157,9 @@ def get_args(argv=None):
     add("--replay-batch", type=int, default=16, help="replay samples per optimizer step, all ranks together")
     add("--replay-pack", action=argparse.BooleanOptionalAction, default=False, help="pack several replay samples "
         "into each row, as sft.py --pack: the same loss up to float rounding, less padding (world: on)")
+    add("--replay-share-prefix", action=argparse.BooleanOptionalAction, default=True, help="with --replay-pack: "
+        "hold the prompt tokens every replay sample starts with once per row, as sft.py --share-prefix (SDPA or "
+        "eager attention only)")
     add("--encode-cache-mb", type=float, default=1024, help="with --replay-pack: keep up to this many MiB of encoded "
         "replay samples per process for their next epoch (sft.py --encode-cache-mb; 0 = off)")
     add("--reward", choices=["strict", "official"], default="strict", help="accuracy check (Δ10)")
@@ -466,8 +475,15 @@ def rl_batches(model, ref, processor, prompts, args, system, dist, step):
 
         # ---- 5. old, negative and reference log-probs (no grad), each on its image; advantages (Eq. 2)
         upd = [update_side(s, args.intra_condition) for s in samples]
-        for s, lp in zip(samples, response_logprobs(model, samples, upd, pad, args.temperature, args.micro_batch)):
-            s.old = lp
+        # the sampler's log-probs serve as pi_old where every rollout is scored on its own image (the same choice on
+        # every rank, so the ranks' forward calls stay in lockstep)
+        reuse = args.old_logprobs == "sampler" and (args.intra_condition == "positive" or args.n2 == 0)
+        if reuse:
+            for s in samples:
+                s.old = s.sample_lp
+        else:
+            for s, lp in zip(samples, response_logprobs(model, samples, upd, pad, args.temperature, args.micro_batch)):
+                s.old = lp
         if args.gamma > 0 or args.eta2 > 0:
             for s, lp in zip(samples, response_logprobs(model, samples, ["negative"] * len(samples), pad,
                                                         args.temperature, args.micro_batch)):
@@ -480,8 +496,8 @@ def rl_batches(model, ref, processor, prompts, args, system, dist, step):
             for s, a in zip(g.samples, adv.tolist()):
                 s.adv = a
         # sampler vs trainer mismatch, on rollouts whose old log-probs were computed on their own image
-        gap = max([float((s.sample_lp - s.old).abs().max()) for s, side in zip(samples, upd)
-                   if s.weight > 0 and side == s.side and len(s.ids)] or [0.0])
+        gap = None if reuse else max([float((s.sample_lp - s.old).abs().max()) for s, side in zip(samples, upd)
+                                      if s.weight > 0 and side == s.side and len(s.ids)] or [0.0])
         yield samples, dict(drawn=drawn, kept=len(kept), survived=survived, retries=retries, gen_tokens=n_tok,
                             gen_s=t_gen, lp_gap=gap)
         step += 1
@@ -600,7 +616,8 @@ def step_metrics(step, samples, stats, sums, gnorm, updates, skipped, t_step, n2
                 entropy=ls["ent"] / ntok, clip_frac=ls["clip"] / ntok, dual_clip_frac=ls["dual"] / ntok,
                 len=length / max(1, n), trunc=trunc / max(1, n),
                 replay_nll=replay_nll / replay_sums[1] if replay_sums[1] else None,
-                lp_gap=distributed.all_max(stats["lp_gap"]),  # collective: the largest gap of any rank
+                # collective (every rank recomputes or none does): the largest gap of any rank
+                lp_gap=distributed.all_max(stats["lp_gap"]) if stats["lp_gap"] is not None else None,
                 grad_norm=gnorm, rollout_tok_s=gen_tok / max(1e-9, stats["gen_s"]), step_s=time.time() - t_step)
 
 
@@ -609,7 +626,7 @@ def log_line(m, max_steps, n2):
             + (f", pos {m['acc_positive']:.3f}" if n2 else "") + f") | fmt {m['format']:.2f} | kept "
             f"{int(m['kept'])}/{int(m['drawn'])} (survived {m['survived_frac']:.2f}) retries {m['retries']} | "
             f"kl_neg {m['kl_neg']:.4f} | ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | len {m['len']:.0f} | "
-            f"gap {m['lp_gap']:.1e}" + (f" | replay {m['replay_nll']:.3f}" if m["replay_nll"] is not None else "")
+            + (f"gap {m['lp_gap']:.1e}" if m["lp_gap"] is not None else "pi_old sampler") + (f" | replay {m['replay_nll']:.3f}" if m["replay_nll"] is not None else "")
             + f" | {m['rollout_tok_s']:.0f} tok/s | {m['step_s']:.1f} s"
             + (f" | no group survived after {m['retries']} retries: no update" if m["kept"] == 0 else "")
             + (f" | {m['skipped']} update(s) skipped: non-finite gradient norm" if m["skipped"] else ""))
@@ -662,11 +679,13 @@ def main(argv=None):
                             micro=args.micro_batch, max_length=args.max_prompt_length + args.max_new_tokens,
                             pixels=(args.min_pixels, args.max_pixels), image_root=args.image_root, seed=args.seed,
                             images_only="language" in args.freeze, pack=args.replay_pack,
-                            cache_mb=args.encode_cache_mb)
+                            cache_mb=args.encode_cache_mb,
+                            share_prefix=args.replay_share_prefix and takes_packed_mask(model))
         except DataError as e:
             raise SystemExit(f"tapo.py: bad --replay data: {e}") from None
         dist.print(f"replay: {len(replay.samples)} samples from {args.replay}, {replay.batch} per optimizer step "
-                   f"at coef {args.replay_coef} ({replay.truncated} truncated)")
+                   f"at coef {args.replay_coef} ({replay.truncated} truncated, {replay.share} shared prefix tokens "
+                   "per packed row)")
     prompts = RowStream(rows, args.seed, dist.rank, dist.world)
     state = training.restore(resume, model, opt, dist) or dict(step=0)
     step = state["step"]

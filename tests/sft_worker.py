@@ -35,11 +35,11 @@ def grads(model):
     return out
 
 
-def step_grads(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro, dist, pack=False):
+def step_grads(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro, dist, pack=False, share=0):
     n_step = sum(len(resp_ids[i]) for i in batch)
     mine, _ = supervised.step_micro_batches(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro,
                                             dist.rank, dist.world, pack=pack, device=dist.device,
-                                            need_image=dist.world > 1)
+                                            need_image=dist.world > 1, share=share)
     supervised.forward_backward(model, mine, n_step, dist.world)
     norm = training.clip_grad_norm(model, 0.0)
     g = grads(model)
@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--out", required=True)
     ap.add_argument("--pack", action="store_true", help="rows of several samples (sft.py --pack)")
+    ap.add_argument("--share", action="store_true", help="with --pack: the shared prompt prefix once per row "
+                    "(sft.py --share-prefix)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist = distributed.setup("cpu")
@@ -61,13 +63,14 @@ def main():
     samples = supervised.load_mixture(args.data)
     prompt_lens, resp_ids, _ = supervised.tokenize(samples, processor, None, 512)
     keys = supervised.grouping_keys(prompt_lens, resp_ids)
+    share = supervised.shared_prefix_len(samples, processor, None) if args.share else 0
     model = distributed.wrap(model, args.mode, dist)
     model.train()
     full, norm = step_grads(model, processor, samples, prompt_lens, resp_ids, keys, list(range(len(samples))),
-                            args.micro, dist, args.pack)
+                            args.micro, dist, args.pack, share)
     one, _ = step_grads(model, processor, samples, prompt_lens, resp_ids, keys, [len(samples) - 1], args.micro, dist,
-                        args.pack)
-    mixed, _ = step_grads(model, processor, samples, prompt_lens, resp_ids, keys, MIXED, 1, dist, args.pack)
+                        args.pack, share)
+    mixed, _ = step_grads(model, processor, samples, prompt_lens, resp_ids, keys, MIXED, 1, dist, args.pack, share)
     if dist.master:
         torch.save({"full": full, "one": one, "mixed": mixed, "norm_full": norm}, args.out)
     # ends the process before destructors run, as the stages do (why: ckpt_worker.py, distributed.teardown)

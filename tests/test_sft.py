@@ -12,7 +12,7 @@ import training
 from checkpoint import load_trainer_state, write_trainer_state
 from conftest import random_image
 from launch import run
-from policy import load_policy, rope_positions, token_logprobs
+from policy import load_policy, rope_positions, token_logprobs, vision_token_ids
 
 ANSWERS = [
     "<think> Visual analysis: red head. Candidates: Vesper Finch, Garrow Wren. Prediction: Vesper Finch. </think>"
@@ -58,12 +58,12 @@ def prepared(path, system=None):
     return model, processor, samples, prompt_lens, resp_ids
 
 
-def step_grads(model, processor, samples, prompt_lens, resp_ids, micro, batch=None, pack=False):
+def step_grads(model, processor, samples, prompt_lens, resp_ids, micro, batch=None, pack=False, share=0):
     """Gradient of one optimizer step over `batch` (default: every sample), one process."""
     keys = supervised.grouping_keys(prompt_lens, resp_ids)
     batch = list(range(len(samples))) if batch is None else batch
     mbs, _ = supervised.step_micro_batches(model, processor, samples, prompt_lens, resp_ids, keys, batch, micro, 0, 1,
-                                           pack=pack)
+                                           pack=pack, share=share)
     nll = supervised.forward_backward(model, mbs, sum(len(resp_ids[i]) for i in batch), world=1)
     # a text-only step leaves the vision tower without gradient in one process (zero under 2 ranks)
     g = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
@@ -152,6 +152,67 @@ def test_packed_rows_give_the_padded_batchs_log_probs(stage1):
     torch.testing.assert_close(a[packed["response_mask"]], b[padded["response_mask"]], atol=1e-5, rtol=1e-5)
 
 
+def test_shared_prefix_is_the_longest_text_prefix_of_every_prompt(stage1):
+    """shared_prefix_len: every encoded prompt starts with the same `share` tokens, none of them a vision token,
+    each prompt keeps at least one token of its own, and one token more is not shared by all (or is a vision token:
+    an image's tokens differ from image to image)."""
+    model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
+    share = supervised.shared_prefix_len(samples, processor, None)
+    enc = supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, list(range(len(samples))), None,
+                                        "cpu")
+    P = enc["prompt_len"]
+    ids = [row[P - n:P] for row, n in zip(enc["input_ids"], prompt_lens)]  # prompts are left-padded
+    vision = set(vision_token_ids(processor.tokenizer))
+    assert 0 < share < min(prompt_lens)
+    assert all(torch.equal(x[:share], ids[0][:share]) for x in ids)
+    assert not vision & set(ids[0][:share].tolist())
+    assert len({int(x[share]) for x in ids}) > 1 or int(ids[0][share]) in vision
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_rows_give_the_padded_batchs_log_probs(stage1, attn):
+    """--share-prefix: packed rows holding the common prompt prefix once (later samples attend to the row's copy,
+    a 4-D mask) give every response token the padded batch's log-prob (1e-5), under SDPA and eager attention, with
+    fewer tokens than rows where each sample holds its own copy."""
+    model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
+    model.set_attn_implementation(attn)
+    share = supervised.shared_prefix_len(samples, processor, None)
+    lengths = [p + len(r) - share for p, r in zip(prompt_lens, resp_ids)]
+    (plan,), _ = supervised.packed_micro_batches(list(range(len(samples))), lengths, micro=8, world=1)
+    rows = [r for mb in plan for r in mb]
+    assert any(len(r) > 1 for r in rows), "the fixture must put several samples in a row"
+    idxs = [i for r in rows for i in r]
+    shared = supervised.encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids, rows, None, "cpu",
+                                                  share=share)
+    plain = supervised.encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids, rows, None, "cpu")
+    padded = supervised.encode_micro_batch(processor, samples, prompt_lens, resp_ids, idxs, None, "cpu")
+    assert shared["attention_mask"].sum() == plain["attention_mask"].sum() - share * (len(idxs) - len(rows))
+    with torch.no_grad():
+        a, b = token_logprobs(model, shared), token_logprobs(model, padded)
+    torch.testing.assert_close(a[shared["response_mask"]], b[padded["response_mask"]], atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_step_gives_the_padded_gradient(stage1):
+    """One optimizer step with --pack --share-prefix has the padded step's gradient (1e-6)."""
+    model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
+    share = supervised.shared_prefix_len(samples, processor, None)
+    g, nll = step_grads(model, processor, samples, prompt_lens, resp_ids, micro=2)
+    gs, nlls = step_grads(model, processor, samples, prompt_lens, resp_ids, micro=2, pack=True, share=share)
+    assert abs(nll - nlls) < 1e-4 * abs(nll)
+    for k in g:
+        torch.testing.assert_close(gs[k], g[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_a_share_beyond_the_common_prefix_is_refused_naming_the_sample(stage1):
+    """encode_packed_micro_batch checks that each sample starts with the row's shared tokens: a share longer than
+    the samples' common prefix is a ValueError naming a sample, never a row with another sample's tokens."""
+    model, processor, samples, prompt_lens, resp_ids = prepared(stage1)
+    share = supervised.shared_prefix_len(samples, processor, None)
+    with pytest.raises(ValueError, match="shared prefix"):
+        supervised.encode_packed_micro_batch(model, processor, samples, prompt_lens, resp_ids,
+                                             [list(range(len(samples)))], None, "cpu", share=share + 4)
+
+
 @pytest.mark.parametrize("max_mb", [1024, 0.2])
 def test_encode_cache_gives_the_same_packed_rows_bit_for_bit(stage1, max_mb):
     """EncodeCache: packed micro-batches built from samples read back (after an earlier, differently grouped
@@ -198,9 +259,10 @@ def test_packed_plan_keeps_every_sample_once_within_the_width_and_ranks_in_locks
         assert len(rows) < n
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-pack", "fsdp-pack"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-pack", "fsdp-pack", "ddp-pack-share"])
 def test_two_ranks_give_the_single_process_gradient(mode, stage1, tmp_path):
-    """2 ranks (DDP / FSDP2, gloo; each also with --pack's rows) give the 1-process gradient (1e-6): the whole batch at
+    """2 ranks (DDP / FSDP2, gloo; each also with --pack's rows, DDP with the shared prefix too) give the 1-process
+    gradient (1e-6): the whole batch at
     micro-batch 2, a 1-sample step (one rank idle) and a step where one rank's micro-batch is text-only and the
     other's not."""
     from sft_worker import MIXED
@@ -209,7 +271,7 @@ def test_two_ranks_give_the_single_process_gradient(mode, stage1, tmp_path):
            "one": step_grads(model, processor, samples, prompt_lens, resp_ids, 1, [len(samples) - 1])[0],
            "mixed": step_grads(model, processor, samples, prompt_lens, resp_ids, 1, MIXED)[0]}
     out = tmp_path / f"{mode}.pt"
-    mode, pack = mode.split("-")[0], ["--pack"] if mode.endswith("-pack") else []
+    mode, pack = mode.split("-")[0], ["--" + flag for flag in mode.split("-")[1:]]
     run(["tests/sft_worker.py", "--data", str(stage1), "--mode", mode, "--micro", "2", "--out", str(out), *pack],
         nproc=2)
     got = torch.load(out)

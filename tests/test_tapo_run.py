@@ -96,3 +96,18 @@ def test_freeze_language_updates_only_the_vision_side(tiny_world, tmp_path):
     w0, w1 = load_file(start / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
     moved = {k for k in w0 if not torch.equal(w0[k], w1[k])}
     assert moved and all(k.startswith(("visual.", "model.visual.")) for k in moved)
+
+
+def test_sampler_log_probs_as_pi_old_give_the_recomputed_step(tiny_world, tmp_path):
+    """--old-logprobs sampler (the world's): pi_old taken from the sampler instead of a teacher-forced forward gives
+    the recomputed run's step (the same rollouts and rewards; loss terms within 1e-5) and logs no lp_gap, while the
+    recompute logs the gap between the two (< 1e-4 nats in fp32)."""
+    for mode in ("recompute", "sampler"):
+        run(["tests/tapo_worker.py", "--data", str(tiny_world), "--out", str(tmp_path / mode), "--max-steps", "1",
+             "--old-logprobs", mode] + FAST, env_extra={"FAKE_REWARD": "all-alternate"})
+    a, b = metrics(tmp_path / "recompute")[0], metrics(tmp_path / "sampler")[0]
+    assert a["updates"] > 0 and a["updates"] == b["updates"]
+    assert a["lp_gap"] < 1e-4 and b["lp_gap"] is None
+    assert all(a[k] == b[k] for k in ("reward", "acc", "len", "kept", "drawn"))
+    for k in ("loss", "pg", "kl_neg", "entropy", "clip_frac"):
+        assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
