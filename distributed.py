@@ -138,9 +138,7 @@ def wrap(model, mode, dist, mixed_precision=None):
     if mode == "none" or dist.world == 1 and mode != "fsdp":
         return model
     if mode == "ddp":
-        # broadcast_buffers=False: the model's buffers (rotary inverse frequencies) are constants, the same on every
-        # rank, so DDP's per-forward broadcast of them from rank 0 (a collective on every forward) is skipped
-        return DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
+        return DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     if mode == "fsdp":
         if mixed_precision is None:
             mixed_precision = dist.device.type == "cuda"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The paper in miniature, end to end on the embedded world (CPU, 10-14 minutes on 2 cores: 574-851 s
-# measured on one AMD EPYC host, 574-611 s in its faster sessions, README "Stop 36", "Stop 37"):
+# The paper in miniature, end to end on the embedded world (CPU, about 10 minutes on 2 cores: 567-851 s
+# measured on one AMD EPYC host; 567-634 s since stop 38's leaner realisation, README "Stop 38"):
 #   world -> base model (pretraining corpus) -> CoT SFT (+ the answer-only SFT baseline) -> TAPO -> eval.
 # Each stage is one line; a stage whose output exists is skipped (delete $OUT/<stage> to redo it).
 #   bash run.sh                          # seed 0 into out/
