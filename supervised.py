@@ -78,7 +78,7 @@ def tokenize(samples, processor, system, max_length, pixels=(None, None)):
 
 def shared_prefix_len(samples, processor, system):
     """Number of leading prompt tokens that every sample's prompt has (the system turn and "<|im_start|>user\n":
-    14 tokens with the default system prompt), stopping before any image token and short of the shortest prompt,
+    15 tokens with the default system prompt), stopping before any image token and short of the shortest prompt,
     so that each sample keeps at least one prompt token of its own: what `--share-prefix` holds once per packed
     row (encode_packed_micro_batch). Exact: the distinct chat-template prompts are tokenized and compared."""
     tok = processor.tokenizer
