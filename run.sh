@@ -15,7 +15,7 @@
 #                                        # the world and recipe before that (README, "Results", earlier recipes)
 #   PACK=0 bash run.sh                   # padded micro-batches instead of packed rows (the realisation before stop 31)
 #   SHARE=0 TAPO_FLAGS="--defaults world --old-logprobs recompute" bash run.sh
-#                                        # the realisation of stops 31-37, bit for bit: each packed sample holds its own
+#                                        # the training of stops 31-37, bit for bit: each packed sample holds its own
 #                                        # copy of the prompt prefix, TAPO recomputes pi_old (README, "Stop 38")
 # With one process per stage (NPROC=1, the default) independent stages share the two cores: the answer-only SFT
 # and the first two evaluations run beside CoT SFT, and CoT SFT's evaluation beside TAPO's, in the background (logs

@@ -68,8 +68,8 @@ Deviations and choices:
 11. With --pack and --share-prefix (on by default), the prompt tokens every sample starts with (the system turn and
     "<|im_start|>user\n", supervised.shared_prefix_len: 15 on the world) stand once at the start of each row;
     the row's later samples leave them out and attend to that copy through a 4-D attention mask, their own tokens
-    keeping their positions: the same log-probs to float rounding, 11-12% fewer tokens per base step on the world
-    (more samples fit a row). Off, or with FlashAttention-2, each sample holds its own copy.
+    keeping their positions: the same log-probs to float rounding, 10% fewer tokens on the busier rank per base
+    epoch on the world (more samples fit a row; README "Stop 38"). Off, or with FlashAttention-2, each sample holds its own copy.
 12. With --pack, each sample's encoding (tokens, image patches, M-RoPE positions) is kept after its first use,
     up to --encode-cache-mb per process (supervised.EncodeCache), and later epochs read it back: the same batches
     bit for bit, without re-reading images and re-running the processor (the world's base model: 572 MiB for
@@ -301,7 +301,8 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dist.print(json.dumps({**vars(args), "parallel": parallel, "world": dist.world,
-                           "samples": len(samples), "truncated": truncated, "shared_prefix": share, "steps_per_epoch": steps_per_epoch,
+                           "samples": len(samples), "truncated": truncated, "shared_prefix": share,
+                           "steps_per_epoch": steps_per_epoch,
                            "total_steps": total, "params": n_params, "trainable": n_train, "bf16": bf16,
                            "resumed_from": str(resume) if resume else None, "start_step": start}, indent=1))
     if dist.master:
