@@ -154,7 +154,7 @@ def naive_logprobs(h, weight, target, temperature=1.0):
 
 
 @contextlib.contextmanager
-def _logprob_head(model, target_ids, score_mask, temperature, chunk, out):
+def logprob_head(model, target_ids, score_mask, temperature, chunk, out):
     """Swap lm_head.forward for the chunked log-prob head for one forward call of the root module."""
     head = unwrap(model).lm_head
     original = head.forward
@@ -216,7 +216,7 @@ def token_logprobs(model, batch, score_mask=None, temperature=1.0, chunk=None):
     packed = batch.get("position_ids")  # (4, B, T): samples packed in rows (supervised.encode_packed_micro_batch)
     mask = batch["attention_mask"] if packed is None else packed_attention(model, batch.get("packed_mask"))
     out = []
-    with _logprob_head(model, batch["input_ids"], score_mask, temperature, chunk, out):
+    with logprob_head(model, batch["input_ids"], score_mask, temperature, chunk, out):
         model(input_ids=batch["input_ids"], attention_mask=mask,
               position_ids=packed if packed is not None else rope_positions(model, batch),
               pixel_values=batch.get("pixel_values"),

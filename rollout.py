@@ -44,6 +44,9 @@ What it implements
    a sharded forward all-gathers parameters: a rank that stopped early would leave the others waiting in a
    collective forever. Gathered (or DDP: `generate` runs the unwrapped module, whose forward has no
    collective, not DDP's, which would broadcast buffers every call) each rank stops on its own.
+10. The update's teacher forcing reuses idea 1 (`shared_prompt_logprobs`, tapo.py --share-prompt): each distinct
+   prompt is run once with its K/V and autograd graph kept, and its responses attend to [that K/V | their own],
+   so a 5 + 5 group's forward + backward holds two prompts, not ten (0.6x the time on the world, same gradient).
 
 Deviations / limits
 1. Prefill runs the model's own "sdpa" or "eager" attention (with our mask); flash-attention is not wired.
@@ -66,7 +69,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface
 
 from distributed import RESHARD_AFTER_FORWARD, all_any, all_sum, unwrap
-from policy import rope_positions
+from policy import logprob_head, rope_positions
 
 COMPACT_FRACTION = 4  # compact once >= 1/4 of the cache rows are finished
 ATTN = "rollout_shared_prefix"  # attention implementation of decode steps (registered below)
@@ -485,3 +488,80 @@ def to_train_batch(prompt_batch, rollout):
         out["pixel_values"] = prompt_batch["pixel_values"][patches.to(prompt_batch["pixel_values"].device)]
         out["image_grid_thw"] = grid[images]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teacher forcing with shared prompts (the update's forward: tapo.py --share-prompt)
+
+class PromptCache:
+    """HF Cache protocol for `shared_prompt_logprobs`: the first forward (`index` None) keeps each layer's prompt
+    K/V, one copy per distinct prompt (G, kv_heads, P, head_dim), with their autograd graph; the second prepends
+    to each response row's own K/V its prompt's, Kp[index], so the rows attend to [their prompt | themselves]."""
+
+    def __init__(self, n_layers):
+        self.pk, self.pv = [None] * n_layers, [None] * n_layers
+        self.index = None  # (R,) each response row's prompt, set before the second forward
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        if self.index is None:
+            self.pk[layer_idx], self.pv[layer_idx] = k, v
+            return k, v
+        return (torch.cat([self.pk[layer_idx][self.index], k], 2),
+                torch.cat([self.pv[layer_idx][self.index], v], 2))
+
+
+def shared_prompt_logprobs(model, prompt_batch, index, responses, pad_id, temperature=1.0, chunk=None):
+    """Teacher-forced log pi(y_t | prompt, y_<t) / temperature of each response, each distinct prompt run ONCE.
+
+    prompt_batch: G distinct LEFT-padded prompt rows (data.stack_prompts, images included); index (R,): the
+    prompt row of each response; responses: R lists of token ids. -> ((R, L) log-probs, (R, L) bool mask),
+    L the longest response, zeros past each response's end: token_logprobs(model, batch)[:, P:] of the
+    unshared batch [prompt index[r] | response r] (data.join_prompt_response), to float rounding (tests).
+
+    Two forwards: the prompts without their last token (G rows: image tokens, vision tower, K/V kept once per
+    prompt in a PromptCache, graph included), then [last prompt token | response] for the R rows, whose keys
+    are [their prompt's cached K/V | their own] under an explicit causal mask; the second forward is the root
+    module's (DDP's hooks see the step; each parameter's gradient, from both forwards, reaches them once).
+    A group of n responses to one prompt thus costs the prompt once instead of n times. Positions are those of
+    the unshared batch (policy.rope_positions on the prompts; response token t at max prompt position + 1 + t).
+    Needs the model's SDPA or eager attention, and a model whose forward keeps parameters whole across both
+    forwards (not FSDP2-sharded, no activation checkpointing, which turns the cache off): tapo.py checks.
+    """
+    core = unwrap(model)
+    dev = next(core.parameters()).device
+    cfg = core.model.language_model.config
+    impl, dtype = cfg._attn_implementation, next(core.parameters()).dtype
+    ids, am = prompt_batch["input_ids"].to(dev), prompt_batch["attention_mask"].to(dev).bool()
+    G, P = ids.shape
+    R, index = len(responses), torch.as_tensor(index, device=dev)
+    pos = rope_positions(core, {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in prompt_batch.items()})
+    next_pos = pos.masked_fill(~am[None], -1).amax(dim=(0, 2)) + 1             # (G,) first response position
+    cache = PromptCache(cfg.num_hidden_layers)
+    has_pix = prompt_batch.get("pixel_values") is not None
+    # ---- 1. the prompts minus their last token, once each (the language model only: no head) -----------
+    core.model(input_ids=ids[:, :P - 1], attention_mask={"full_attention": _prefill_mask(am[:, :P - 1], impl, dtype)},
+               position_ids=pos[:, :, :P - 1], cache=cache, use_cache=True,
+               mm_token_type_ids=prompt_batch["mm_token_type_ids"][:, :P - 1].to(dev),
+               pixel_values=prompt_batch["pixel_values"].to(dev) if has_pix else None,
+               image_grid_thw=prompt_batch["image_grid_thw"].to(dev) if has_pix else None)
+    # ---- 2. [last prompt token | response] per row, attending to [its prompt's K/V | itself] -------------
+    L = max((len(r) for r in responses), default=0)
+    x = torch.full((R, L + 1), pad_id, dtype=ids.dtype, device=dev)
+    x[:, 0] = ids[index, P - 1]
+    rmask = torch.zeros(R, L + 1, dtype=torch.bool, device=dev)
+    for r, resp in enumerate(responses):
+        x[r, 1:1 + len(resp)] = torch.as_tensor(resp, dtype=ids.dtype)
+        rmask[r, 1:1 + len(resp)] = True
+    t = torch.arange(L + 1, device=dev)
+    rpos = torch.cat([pos[:, index, P - 1:], (next_pos[index, None] + t[:-1])[None].expand(3, -1, -1)], 2)
+    causal = torch.ones(L + 1, L + 1, dtype=torch.bool, device=dev).tril()
+    ok = torch.cat([am[index, None, :P - 1].expand(-1, L + 1, -1), causal[None].expand(R, -1, -1)], 2)[:, None]
+    mask = ok if impl == "sdpa" else torch.zeros(ok.shape, dtype=dtype, device=dev).masked_fill_(
+        ~ok, torch.finfo(dtype).min)
+    assert impl in ("sdpa", "eager"), f"attention implementation {impl!r}: shared prompts need sdpa or eager"
+    cache.index = index
+    out = []
+    with logprob_head(model, x, rmask, temperature, chunk, out):
+        model(input_ids=x, attention_mask={"full_attention": mask}, position_ids=rpos, cache=cache, use_cache=True,
+              mm_token_type_ids=torch.zeros_like(x))
+    return out[0][:, 1:], rmask[:, 1:]

@@ -218,3 +218,54 @@ def test_suppressed_tokens_are_never_sampled(tiny):
         lp = token_logprobs(model, to_train_batch(batch, ro), temperature=1.0 if greedy else 2.0)
         P = lp.shape[1] - ro.tokens.shape[1]
         torch.testing.assert_close(lp[:, P:][ro.mask], ro.logprobs[ro.mask], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_shared_prompt_logprobs_equal_the_unshared_batch(tiny, impl):
+    """shared_prompt_logprobs (each distinct prompt run once, its K/V shared by its responses) gives the log-probs
+    and the gradient of one teacher-forced forward over [prompt | response] per row (1e-5; gradient 1e-5 of its
+    scale): left-padded prompts with images of three sizes, prompts used by 3, 2 and 1 rows, out of order, and
+    responses of different lengths (one of a single token)."""
+    model, proc = tiny
+    model.set_attn_implementation(impl)
+    pad = proc.tokenizer.pad_token_id
+    prompts = W.prompts(proc, [0, 1, 2])
+    index = [1, 0, 1, 2, 0, 1]
+    g = torch.Generator().manual_seed(3)
+    responses = [torch.randint(20, 200, (n,), generator=g).tolist() for n in (5, 9, 1, 7, 12, 3)]
+    full = rollout.to_train_batch(prompts, _as_rollout(responses, index, pad))
+    P = full["prompt_len"]
+    weights = torch.randn(len(index), max(map(len, responses)), generator=g)
+    grads = []
+    try:
+        model.train()
+        for shared in (False, True):
+            model.zero_grad()
+            if shared:
+                lp, mask = rollout.shared_prompt_logprobs(model, prompts, index, responses, pad, temperature=0.8)
+            else:
+                lp, mask = token_logprobs(model, full, temperature=0.8)[:, P:], full["response_mask"][:, P:]
+            (lp * weights).sum().backward()
+            grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, lp, mask))
+    finally:
+        model.zero_grad()
+        model.eval()
+        model.set_attn_implementation("sdpa")
+    (g0, lp0, m0), (g1, lp1, m1) = grads
+    assert torch.equal(m0, m1) and m1.sum() == sum(map(len, responses))
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    assert torch.all(lp1[~m1] == 0)
+    assert g0.keys() == g1.keys() and any(k.startswith(("visual.", "model.visual.")) for k in g1)
+    for k in g0:
+        assert (g1[k] - g0[k]).abs().max() <= 1e-5 * (1 + g0[k].abs().max()), k
+
+
+def _as_rollout(responses, index, pad):
+    """A Rollout holding the given responses (right-padded), row r answering prompt index[r]."""
+    L = max(map(len, responses))
+    tokens = torch.full((len(responses), L), pad)
+    mask = torch.zeros(len(responses), L, dtype=torch.bool)
+    for r, ids in enumerate(responses):
+        tokens[r, :len(ids)], mask[r, :len(ids)] = torch.tensor(ids), True
+    return rollout.Rollout(tokens=tokens, logprobs=torch.zeros(tokens.shape), mask=mask, lengths=mask.sum(1),
+                           finish=["stop"] * len(responses), prompt_index=torch.tensor(index))

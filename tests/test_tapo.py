@@ -124,7 +124,7 @@ def test_loss_gradients_independent_of_micro_batch(tiny, split):
     model, proc = tiny
     pad = proc.tokenizer.pad_token_id
     samples = _fake_samples(proc)
-    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", micro_batch=split)
+    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", share_prompt=False, micro_batch=split)
     upd = [update_side(s, "positive") for s in samples]
     # old log-probs slightly off the current ones so ratios are not all 1
     for i, (s, lp) in enumerate(zip(samples, response_logprobs(model, samples, upd, pad, 1.0, 6))):
@@ -144,6 +144,37 @@ def test_loss_gradients_independent_of_micro_batch(tiny, split):
         assert err <= 1e-6 * (1 + grads[1][n].abs().max().item()), (n, err)
 
 
+def test_shared_prompt_update_gives_the_unshared_gradient(tiny):
+    """--share-prompt: the update (accumulate_grads) with each (group, image) prompt run once for its responses
+    has the gradient (1e-6 of its scale) and the logged sums (1e-5) of the per-sample [prompt | response] batch;
+    the pi_old / negative log-probs (response_logprobs) agree within 1e-5."""
+    from tapo import response_logprobs, update_side
+    model, proc = tiny
+    pad = proc.tokenizer.pad_token_id
+    samples = _fake_samples(proc)
+    upd = [update_side(s, "positive") for s in samples]
+    lps = {share: (response_logprobs(model, samples, upd, pad, 1.0, 4, share),
+                   response_logprobs(model, samples, ["negative"] * 6, pad, 1.0, 4, share)) for share in (False, True)}
+    for a, b in zip(lps[False][0] + lps[False][1], lps[True][0] + lps[True][1]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    for i, (s, old, neg) in enumerate(zip(samples, *lps[False])):
+        s.old, s.neg = old - 0.1 * (i % 2), neg
+    n_tok = float(sum(len(s.ids) for s in samples))
+    out = []
+    for share in (False, True):
+        cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", share_prompt=share, micro_batch=4)
+        model.zero_grad()
+        sums = accumulate_grads(model, samples, 2, n_tok, COEF, cfg, pad, 1)
+        out.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sums))
+    model.zero_grad()
+    (g0, s0), (g1, s1) = out
+    torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-5)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        err = (g1[n] - g0[n]).abs().max().item()
+        assert err <= 1e-6 * (1 + g0[n].abs().max().item()), (n, err)
+
+
 def test_filler_micro_batches_add_no_gradient(tiny):
     """Weight-0 lockstep filler rows (and extra empty micro-batches) leave the gradients unchanged."""
     from dataclasses import replace
@@ -154,7 +185,7 @@ def test_filler_micro_batches_add_no_gradient(tiny):
     upd = [update_side(s, "positive") for s in samples]
     for s, lp in zip(samples, response_logprobs(model, samples, upd, pad, 1.0, 6)):
         s.old, s.neg = lp - 0.05, lp - 0.3
-    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", micro_batch=2)
+    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", share_prompt=False, micro_batch=2)
     n_tok = float(sum(len(s.ids) for s in samples))
     grads = []
     for batch, n_micro in ((samples, 2), (samples + [replace(samples[0], weight=0.0)], 4)):
@@ -188,7 +219,7 @@ def test_non_finite_gradient_norm_skips_the_step(tiny, monkeypatch):
     upd = [update_side(s, "positive") for s in samples]
     for s, lp in zip(samples, response_logprobs(model, samples, upd, pad, 1.0, 6)):
         s.old, s.neg = lp, lp - 0.3
-    args = SimpleNamespace(temperature=1.0, intra_condition="positive", micro_batch=3, rollout_batch=1,
+    args = SimpleNamespace(temperature=1.0, intra_condition="positive", share_prompt=False, micro_batch=3, rollout_batch=1,
                            update_batch=1, n1=2, n2=1, grad_clip=1.0, **{k: v for k, v in COEF.items() if k != "beta"},
                            kl_ref=0.0, rl_coef=1.0)
     dist = SimpleNamespace(world=1)
@@ -233,7 +264,7 @@ def test_rl_coef_zero_leaves_no_gradient_and_the_same_log(tiny):
     upd = [update_side(s, "positive") for s in samples]
     for s, lp in zip(samples, response_logprobs(model, samples, upd, pad, 1.0, 6)):
         s.old, s.neg = lp - 0.05, lp - 0.3
-    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", micro_batch=3)
+    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", share_prompt=False, micro_batch=3)
     n_tok = float(sum(len(s.ids) for s in samples))
     out = {}
     for scale in (1.0, 0.0):
@@ -283,7 +314,7 @@ def test_logged_push_is_each_terms_gradient_on_log_pi(tiny):
     upd = [update_side(s, "positive") for s in samples]
     for s, lp in zip(samples, response_logprobs(model, samples, upd, pad, 1.0, 6)):
         s.old, s.neg = lp.clone(), lp - 0.3
-    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", micro_batch=3)
+    cfg = SimpleNamespace(temperature=1.0, intra_condition="positive", share_prompt=False, micro_batch=3)
     n_tok = float(sum(len(s.ids) for s in samples))
     sums = dict(zip(LOSS_STATS, accumulate_grads(model, samples, 2, n_tok, COEF, cfg, pad, 1).tolist()))
     model.zero_grad()
