@@ -66,9 +66,9 @@ join() {  # wait for the background stages; stop the run if one failed
 mkdir -p "$OUT"
 W=$OUT/world
 
-stage world      $W/world.json           python world.py --out $W --seed "$SEED" ${WORLD_FLAGS:-}
 # a world folder left by a run with another seed or other world flags would be reused, with every stage after it
-python world.py --check --out $W --seed "$SEED" ${WORLD_FLAGS:-}
+if [ -e $W/world.json ]; then python world.py --check --out $W --seed "$SEED" ${WORLD_FLAGS:-}; fi
+stage world      $W/world.json           python world.py --out $W --seed "$SEED" ${WORLD_FLAGS:-}
 # packed rows (sft.py --pack, tapo.py --replay-pack: the world profile's default) or, with PACK=0, padded micro-batches
 if [ "${PACK:-1}" = 0 ]; then SFT_PACK="--no-pack"; TAPO_PACK="--no-replay-pack"; else SFT_PACK=""; TAPO_PACK=""; fi
 # with packed rows, the prompt tokens every sample starts with are held once per row (sft.py --share-prefix, tapo.py
@@ -110,8 +110,9 @@ stage tapo       $OUT/tapo/final         $RUN_TAPO tapo.py --model $OUT/sft_cot/
 beside eval_sft_cot evaluate sft_cot
 evaluate tapo
 join
-python eval.py --table $OUT/eval/base:"Base (pretrained)" $OUT/eval/sft_nocot:"SFT w/o CoT" \
-  $OUT/eval/sft_cot:"CoT SFT" $OUT/eval/tapo:"CoT SFT + TAPO" --table-out $OUT/results
+# eval.py --table's tables, without loading the model stack
+python report.py $OUT/eval/base:"Base (pretrained)" $OUT/eval/sft_nocot:"SFT w/o CoT" \
+  $OUT/eval/sft_cot:"CoT SFT" $OUT/eval/tapo:"CoT SFT + TAPO" --out $OUT/results
 echo "== total $(( $(date +%s) - T0 )) s (this invocation); stage times in $OUT/timings.txt"
 # every stage runs one single-threaded process per core it holds, so the run's work is the sum of stage seconds x
 # processes; on 2 cores no schedule takes less than half of it (README, "Stop 32": run.sh stays within 2.5% of that)

@@ -5,6 +5,8 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -303,6 +305,12 @@ def test_table_mode_puts_finished_evaluations_side_by_side(tmp_path, capsys):
     assert set(json.loads((tmp_path / "res" / "results.json").read_text())) == {"Release order", "fake"}
     assert "| fake | " in printed and "*" in printed.split("| fake | ")[1].splitlines()[0]  # 100 -> ~25: marked
     assert (tmp_path / "res" / "results.html").exists()
+    # run.sh's last step: `python report.py` (without the model stack) writes the same tables
+    specs = [f"{tmp_path / 'a' / 'out' / 'summary_release-order.json'}:Release order", str(tmp_path / "b" / "out")]
+    subprocess.run([sys.executable, "report.py", *specs, "--out", str(tmp_path / "res2" / "results")],
+                   cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True)
+    for ext in (".md", ".json"):
+        assert (tmp_path / "res2" / f"results{ext}").read_text() == (tmp_path / "res" / f"results{ext}").read_text()
 
 
 def test_default_model_is_the_newest_checkpoint_of_the_pipeline(tmp_path, monkeypatch):
