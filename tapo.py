@@ -38,6 +38,9 @@ Deviations and choices (README "Deviations (Δ)"):
     world uses it (WORLD below) to keep what its 0.7M model knows of the unseen classes. `--replay-pack` (world:
     on) packs its samples several to a row, as sft.py --pack, with the shared prompt prefix held once per row
     (`--replay-share-prefix`, as sft.py --share-prefix).
+10. Implementation, not maths: `--share-prompt` (default on; DDP or one process) runs each distinct (group, image)
+    prompt once in the update's and the scoring passes' teacher-forced forwards, its K/V shared by its responses
+    (rollout.shared_prompt_logprobs): the same log-probs and gradient up to float rounding (README "Stop 39").
 """
 import argparse
 import json
