@@ -46,7 +46,8 @@ What it implements
    collective, not DDP's, which would broadcast buffers every call) each rank stops on its own.
 10. The update's teacher forcing reuses idea 1 (`shared_prompt_logprobs`, tapo.py --share-prompt): each distinct
    prompt is run once with its K/V and autograd graph kept, and its responses attend to [that K/V | their own],
-   so a 5 + 5 group's forward + backward holds two prompts, not ten (0.6x the time on the world, same gradient).
+   so a 5 + 5 group's forward + backward computes two prompts, not ten (projections, MLPs, vision tower; the
+   prompt's K/V are still gathered per response row for attention): 0.6x the time on the world, same gradient.
 
 Deviations / limits
 1. Prefill runs the model's own "sdpa" or "eager" attention (with our mask); flash-attention is not wired.
@@ -521,7 +522,8 @@ def shared_prompt_logprobs(model, prompt_batch, index, responses, pad_id, temper
     Two forwards: the prompts without their last token (G rows: image tokens, vision tower, K/V kept once per
     prompt in a PromptCache, graph included), then [last prompt token | response] for the R rows, whose keys
     are [their prompt's cached K/V | their own] under an explicit causal mask; the second forward is the root
-    module's (DDP's hooks see the step; each parameter's gradient, from both forwards, reaches them once).
+    module's (it arms DDP's reducer for the step; each parameter's gradient, from both forwards, reaches its
+    all-reduce hook once).
     A group of n responses to one prompt thus costs the prompt once instead of n times. Positions are those of
     the unshared batch (policy.rope_positions on the prompts; response token t at max prompt position + 1 + t).
     Needs the model's SDPA or eager attention, and a model whose forward keeps parameters whole across both
@@ -531,8 +533,10 @@ def shared_prompt_logprobs(model, prompt_batch, index, responses, pad_id, temper
     dev = next(core.parameters()).device
     cfg = core.model.language_model.config
     impl, dtype = cfg._attn_implementation, next(core.parameters()).dtype
+    assert impl in ("sdpa", "eager"), f"attention implementation {impl!r}: shared prompts need sdpa or eager"
     ids, am = prompt_batch["input_ids"].to(dev), prompt_batch["attention_mask"].to(dev).bool()
     G, P = ids.shape
+    assert P >= 2 and bool(am[:, -1].all()), "prompts must be LEFT-padded (data.stack_prompts), 2 tokens or more"
     R, index = len(responses), torch.as_tensor(index, device=dev)
     pos = rope_positions(core, {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in prompt_batch.items()})
     next_pos = pos.masked_fill(~am[None], -1).amax(dim=(0, 2)) + 1             # (G,) first response position
@@ -558,7 +562,6 @@ def shared_prompt_logprobs(model, prompt_batch, index, responses, pad_id, temper
     ok = torch.cat([am[index, None, :P - 1].expand(-1, L + 1, -1), causal[None].expand(R, -1, -1)], 2)[:, None]
     mask = ok if impl == "sdpa" else torch.zeros(ok.shape, dtype=dtype, device=dev).masked_fill_(
         ~ok, torch.finfo(dtype).min)
-    assert impl in ("sdpa", "eager"), f"attention implementation {impl!r}: shared prompts need sdpa or eager"
     cache.index = index
     out = []
     with logprob_head(model, x, rmask, temperature, chunk, out):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The paper in miniature, end to end on the embedded world (CPU, about 10 minutes on 2 cores: 567-851 s
-# measured on one AMD EPYC host; 567-634 s since stop 38's leaner realisation, README "Stop 38"):
+# The paper in miniature, end to end on the embedded world (CPU, about 10 minutes on 2 cores: 512-851 s
+# measured on one AMD EPYC host over many sessions; 512-586 s on seven seeds with stop 39's code, README "Stop 39"):
 #   world -> base model (pretraining corpus) -> CoT SFT (+ the answer-only SFT baseline) -> TAPO -> eval.
 # Each stage is one line; a stage whose output exists is skipped (delete $OUT/<stage> to redo it).
 #   bash run.sh                          # seed 0 into out/
@@ -16,7 +16,9 @@
 #   PACK=0 bash run.sh                   # padded micro-batches instead of packed rows (the realisation before stop 31)
 #   SHARE=0 TAPO_FLAGS="--defaults world --old-logprobs recompute" bash run.sh
 #                                        # the training of stops 31-37, bit for bit: each packed sample holds its own
-#                                        # copy of the prompt prefix, TAPO recomputes pi_old (README, "Stop 38")
+#                                        # copy of the prompt prefix, each TAPO response its own prompt, TAPO
+#                                        # recomputes pi_old (README, "Stop 38", "Stop 39")
+#   TAPO_FLAGS="--defaults world --no-share-prompt" bash run.sh   # stop 38's training
 # With one process per stage (NPROC=1, the default) independent stages share the two cores: the answer-only SFT
 # and the first two evaluations run beside CoT SFT, and CoT SFT's evaluation beside TAPO's, in the background (logs
 # in $OUT/logs/); SERIAL=1 runs everything in the foreground, one stage after the other. Results do not depend on it.
@@ -72,8 +74,11 @@ stage world      $W/world.json           python world.py --out $W --seed "$SEED"
 # packed rows (sft.py --pack, tapo.py --replay-pack: the world profile's default) or, with PACK=0, padded micro-batches
 if [ "${PACK:-1}" = 0 ]; then SFT_PACK="--no-pack"; TAPO_PACK="--no-replay-pack"; else SFT_PACK=""; TAPO_PACK=""; fi
 # with packed rows, the prompt tokens every sample starts with are held once per row (sft.py --share-prefix, tapo.py
-# --replay-share-prefix: the same loss up to float rounding, fewer tokens); SHARE=0: each sample holds its own copy
-if [ "${SHARE:-1}" = 0 ]; then SFT_PACK="$SFT_PACK --no-share-prefix"; TAPO_PACK="$TAPO_PACK --no-replay-share-prefix"; fi
+# --replay-share-prefix: the same loss up to float rounding, fewer tokens), and TAPO's teacher-forced forwards run
+# each (group, image) prompt once for its responses (tapo.py --share-prompt); SHARE=0: each sample holds its own copy
+if [ "${SHARE:-1}" = 0 ]; then
+  SFT_PACK="$SFT_PACK --no-share-prefix"; TAPO_PACK="$TAPO_PACK --no-replay-share-prefix --no-share-prompt"
+fi
 stage base       $OUT/base/final         $RUN_BASE sft.py --defaults world --variant pretrain --model ${PRESET:-tiny4} --data $W --out $OUT/base --seed "$SEED" \
                                            --epochs ${BASE_EPOCHS:-8} $SFT_PACK
 # CoT SFT and its answer-only baseline: the same images, prompts and lr, each with a replay of half of

@@ -687,10 +687,12 @@ def main(argv=None):
     model, processor = load_policy(resume or args.model, dtype=torch.float32)
     training.freeze(model, args.freeze)
     model, parallel = training.wrap_for_training(model, args.parallel, args.grad_checkpointing, dist)
+    # the flags as given are saved with checkpoints (resume compares them); `run` is what this run does
+    run = argparse.Namespace(**vars(args))
     if args.share_prompt and (parallel == "fsdp" or args.grad_checkpointing or not takes_packed_mask(model)):
         dist.print("--share-prompt: off (it needs DDP or one process, no activation checkpointing, SDPA or eager "
                    "attention); every response's forward holds its own prompt")
-        args.share_prompt = False
+        run.share_prompt = False
     ref = None
     if args.kl_ref > 0:  # Δ5: the frozen initial policy
         if not args.model:
@@ -732,17 +734,17 @@ def main(argv=None):
         print("config:", json.dumps(vars(args), sort_keys=True), flush=True)
         print(f"tapo: {len(rows)} rows from {args.data} ({too_long} skipped: prompt over --max-prompt-length); "
               f"model {resume or args.model}; world {dist.world} "
-              f"({parallel}); {max_steps} steps; defaults {args.defaults}", flush=True)
+              f"({parallel}); {max_steps} steps; defaults {args.defaults}; shared prompts {run.share_prompt}", flush=True)
 
     # ---- loop: each step takes one ready batch of rollouts and updates on it
     t_start = time.time()
     bar = tqdm(total=max_steps, initial=step, desc="tapo", disable=not dist.master, dynamic_ncols=True)
-    batches = rl_batches(model, ref, processor, prompts, args, system, dist, step)
+    batches = rl_batches(model, ref, processor, prompts, run, system, dist, step)
     pad = processor.tokenizer.pad_token_id
     while step < max_steps:
         t_step = time.time()
         samples, stats = next(batches)
-        sums, gnorm, updates, skipped, replay_sums = update(model, opt, samples, args, dist, pad, replay, step,
+        sums, gnorm, updates, skipped, replay_sums = update(model, opt, samples, run, dist, pad, replay, step,
                                                             need_image=dist.world > 1)
         step += 1
         m = step_metrics(step, samples, stats, sums, gnorm, updates, skipped, t_step, args.n2, replay_sums)

@@ -146,7 +146,8 @@ def test_loss_gradients_independent_of_micro_batch(tiny, split):
 
 def test_shared_prompt_update_gives_the_unshared_gradient(tiny):
     """--share-prompt: the update (accumulate_grads) with each (group, image) prompt run once for its responses
-    has the gradient (1e-6 of its scale) and the logged sums (1e-5) of the per-sample [prompt | response] batch;
+    has the gradient (each parameter's to 1e-5 of its largest entry) and the logged sums (1e-5) of the per-sample
+    [prompt | response] batch;
     the pi_old / negative log-probs (response_logprobs) agree within 1e-5."""
     from tapo import response_logprobs, update_side
     model, proc = tiny
@@ -170,9 +171,9 @@ def test_shared_prompt_update_gives_the_unshared_gradient(tiny):
     (g0, s0), (g1, s1) = out
     torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-5)
     assert g0.keys() == g1.keys()
-    for n in g0:
+    for n in g0:  # relative to each parameter's own gradient (1e-12: one that is zero stays zero)
         err = (g1[n] - g0[n]).abs().max().item()
-        assert err <= 1e-6 * (1 + g0[n].abs().max().item()), (n, err)
+        assert err <= 1e-5 * g0[n].abs().max().item() + 1e-12, (n, err)
 
 
 def test_filler_micro_batches_add_no_gradient(tiny):

@@ -115,15 +115,16 @@ def test_sampler_log_probs_as_pi_old_give_the_recomputed_step(tiny_world, tmp_pa
 
 def test_two_ranks_with_shared_prompts_give_the_unshared_step(tiny_world, tmp_path):
     """--share-prompt under 2-rank DDP (gloo): the same rollouts, rewards, loss terms and all-reduced gradient norm
-    (1e-5) as --no-share-prompt: the shared prompt's gradient reaches DDP's all-reduce, whose hooks only the second
-    of its two forwards sets up (without them each rank would clip and step on its own gradient). The weights are
+    (1e-5) as --no-share-prompt: the shared prompt's gradient reaches DDP's all-reduce, whose reducer only the second
+    of its two forwards arms (a forward around DDP: each rank clips and steps on its own gradient). The weights are
     not compared: Adam's first step is about lr x sign(g), so float rounding in near-zero gradient entries moves a
     few elements by a visible part of lr (measured: the tiny preset, one step on the seed-0 world, 22 of its 0.7M
     elements, at most 1.6e-5 at lr 1e-3)."""
-    for mode in ("share-prompt", "no-share-prompt"):
-        run(["tests/tapo_worker.py", "--data", str(tiny_world), "--out", str(tmp_path / mode), "--max-steps", "1",
-             "--parallel", "ddp", f"--{mode}"] + FAST + ["--update-batch", "2"],
-            nproc=2, env_extra={"FAKE_REWARD": "all-alternate"})
+    for mode, shared in (("share-prompt", True), ("no-share-prompt", False)):
+        r = run(["tests/tapo_worker.py", "--data", str(tiny_world), "--out", str(tmp_path / mode), "--max-steps", "1",
+                 "--parallel", "ddp", f"--{mode}"] + FAST + ["--update-batch", "2"],
+                nproc=2, env_extra={"FAKE_REWARD": "all-alternate"})
+        assert f"shared prompts {shared}" in r.stdout  # the run did what the flag asked
     a, b = metrics(tmp_path / "share-prompt")[0], metrics(tmp_path / "no-share-prompt")[0]
     assert a["updates"] > 0 and a["updates"] == b["updates"]
     assert all(a[k] == b[k] for k in ("reward", "acc", "len", "kept", "drawn"))
