@@ -188,14 +188,19 @@ def packed_attention(model, packed_mask):
     if packed_mask is None:
         return None
     impl = unwrap(model).config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"shared-prefix packed rows need SDPA or eager attention, the model uses {impl!r}: "
+                         "pass --no-share-prefix")
+    return kernel_mask(packed_mask, impl, next(unwrap(model).parameters()).dtype)
+
+
+def kernel_mask(ok, impl, dtype):
+    """A boolean attention mask (True: may attend) in the kernel's convention: SDPA takes it as is, eager attention
+    as an additive float mask (0 / the dtype's min)."""
     if impl == "sdpa":
-        return packed_mask
-    if impl == "eager":
-        dtype = next(unwrap(model).parameters()).dtype
-        return torch.zeros(packed_mask.shape, dtype=dtype, device=packed_mask.device).masked_fill(
-            ~packed_mask, torch.finfo(dtype).min)
-    raise ValueError(f"shared-prefix packed rows need SDPA or eager attention, the model uses {impl!r}: "
-                     "pass --no-share-prefix")
+        return ok
+    assert impl == "eager", f"attention implementation {impl!r}: only sdpa and eager take an explicit mask"
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
 
 
 def token_logprobs(model, batch, score_mask=None, temperature=1.0, chunk=None):

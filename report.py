@@ -10,7 +10,7 @@ each checkpoint). Imports nothing of the project, so any stage can call it.
     write_html(path, runs)        -> one self-contained page: summary, confusions, items (side by side)
     plot_curves(run_dir)          -> run_dir/curves.png from run_dir/metrics.jsonl (pillow only)
     python report.py DIR[:TAG] ... [--out PATH]: compare() from the shell, eval.py --table without loading the
-                                    model stack (1.5 s instead of 5; run.sh's last step)
+                                    model stack (2.1 s instead of 5.1; run.sh's last step)
 
 Intervals (the release's protocol, README "Release facts", gives point estimates only; these are ours):
 1. 95% percentile bootstrap over items, N_BOOT resamples, seeded by (seed, mode, split, dataset) so that a

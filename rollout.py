@@ -70,7 +70,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface
 
 from distributed import RESHARD_AFTER_FORWARD, all_any, all_sum, unwrap
-from policy import logprob_head, rope_positions
+from policy import kernel_mask, logprob_head, rope_positions
 
 COMPACT_FRACTION = 4  # compact once >= 1/4 of the cache rows are finished
 ATTN = "rollout_shared_prefix"  # attention implementation of decode steps (registered below)
@@ -299,10 +299,7 @@ def _prefill_mask(am, impl, dtype):
     P = am.shape[1]
     causal = torch.ones(P, P, dtype=torch.bool, device=am.device).tril()
     ok = (causal[None] & am[:, None, :]) | torch.eye(P, dtype=torch.bool, device=am.device)
-    if impl == "sdpa":
-        return ok[:, None]
-    assert impl == "eager", f"attention implementation {impl!r}: rollout.py supports sdpa and eager"
-    return torch.zeros(ok.shape, dtype=dtype, device=am.device).masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
+    return kernel_mask(ok[:, None], impl, dtype)
 
 
 @torch.no_grad()
@@ -560,8 +557,7 @@ def shared_prompt_logprobs(model, prompt_batch, index, responses, pad_id, temper
     rpos = torch.cat([pos[:, index, P - 1:], (next_pos[index, None] + t[:-1])[None].expand(3, -1, -1)], 2)
     causal = torch.ones(L + 1, L + 1, dtype=torch.bool, device=dev).tril()
     ok = torch.cat([am[index, None, :P - 1].expand(-1, L + 1, -1), causal[None].expand(R, -1, -1)], 2)[:, None]
-    mask = ok if impl == "sdpa" else torch.zeros(ok.shape, dtype=dtype, device=dev).masked_fill_(
-        ~ok, torch.finfo(dtype).min)
+    mask = kernel_mask(ok, impl, dtype)
     cache.index = index
     out = []
     with logprob_head(model, x, rmask, temperature, chunk, out):
