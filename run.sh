@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper in miniature, end to end on the embedded world (CPU, about 10 minutes on 2 cores: 512-851 s
-# measured on one AMD EPYC host over many sessions; 512-586 s on eleven runs of the current code, README "Stop 39",
+# measured on one AMD EPYC host over many sessions; 512-586 s on thirteen runs of the current code, README "Stop 39",
 # "Stop 40"):
 #   world -> base model (pretraining corpus) -> CoT SFT (+ the answer-only SFT baseline) -> TAPO -> eval.
 # Each stage is one line; a stage whose output exists is skipped (delete $OUT/<stage> to redo it).
